@@ -1,0 +1,95 @@
+"""Command line: `dsclip <command>` and the training entry point used by dsclip/train.py."""
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from dsclip.config import ConfigError, load_config
+from dsclip.engine import DeepSpeedConfigError, load_ds_config
+
+DEFAULT_DS_CONFIG = "ds_configs/zero3.json"
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsclip train", description="Fine-tune a CLIP model with DeepSpeed.")
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                        default=DEFAULT_DS_CONFIG, help="DeepSpeed engine config (JSON; 'auto' fields come from "
+                        f"the recipe); default {DEFAULT_DS_CONFIG}")
+    parser.add_argument("--recipe", help="run recipe (YAML); default: the embedded synthetic-shapes run")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set optim.lr=1e-5 (repeatable)")
+    parser.add_argument("--output-dir", help="parent folder of run folders (recipe key output_dir)")
+    parser.add_argument("--name", help="run name; outputs go to <output-dir>/<name> (recipe key name)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return parser
+
+
+def train_main(argv: Optional[list[str]] = None) -> int:
+    args = train_parser().parse_args(argv)
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.name:
+        overrides.append(f"name={args.name}")
+    return guarded(lambda: _train(args.recipe, overrides, args.deepspeed_config))
+
+
+def _train(recipe: Optional[str], overrides: list[str], ds_config_path: str) -> int:
+    cfg = load_config(recipe, overrides)
+    ds_config = load_ds_config(ds_config_path)
+    from dsclip.trainer import run  # heavy imports only once the inputs are known to be good
+    run(cfg, ds_config)
+    return 0
+
+
+def guarded(command: Callable[[], int]) -> int:
+    """Run a command; a user error becomes one line on stderr (from one rank) and exit status 2."""
+    try:
+        return command()
+    except (ConfigError, DeepSpeedConfigError, FileNotFoundError) as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"dsclip: error: {e}", file=sys.stderr)
+        return 2
+
+
+def export_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dsclip export",
+                                     description="Merge a DeepSpeed checkpoint into an open_clip model folder.")
+    parser.add_argument("run_dir", type=Path, help="run folder (holds config.yaml and checkpoints/)")
+    parser.add_argument("--tag", help="checkpoint tag, e.g. step-300; default: the latest")
+    parser.add_argument("--out", type=Path, help="output folder; default <run_dir>/export")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    args = parser.parse_args(argv)
+    return guarded(lambda: _export(args))
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from dsclip.checkpoint import export_model
+    config_file = args.run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: pass the run folder that training wrote")
+    cfg = load_config(str(config_file))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    weights = export_model(args.run_dir / "checkpoints", args.tag, cfg.model, args.out or args.run_dir / "export",
+                           dtype)
+    print(f"wrote {weights}")
+    return 0
+
+
+COMMANDS = {
+    "train": lambda argv: train_main(argv),
+    "export": export_main,
+}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: dsclip {{{','.join(COMMANDS)}}} ...\n"
+              "  train   fine-tune in this process (multi-rank: deepspeed dsclip/train.py ...)\n"
+              "  export  merge a DeepSpeed checkpoint into an open_clip model folder", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])

@@ -1,0 +1,194 @@
+"""Run configuration: typed dataclasses built from defaults -> recipe YAML -> `--set` overrides.
+
+Precedence is exactly that order. Every component keeps its config dataclass beside its
+builder; `RunConfig` composes them. Loading is strict: an unknown key, a value of the wrong
+type or an impossible combination raises `ConfigError` naming the key path, the value and,
+for unknown keys, the closest valid key.
+"""
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from dsclip.data import DataConfig
+from dsclip.engine import OptimConfig
+from dsclip.evaluation import EvalConfig
+from dsclip.loss import LossConfig
+from dsclip.model import ModelConfig
+from dsclip.tracking import LoggingConfig
+
+
+class ConfigError(ValueError):
+    """A recipe or override the user must fix; the message says where and how."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1  # passes over the training data (ignored when max_steps > 0)
+    max_steps: int = 0  # optimizer steps to run; 0 = derived from epochs
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    export: bool = True  # write an open_clip-loadable state dict at the end
+
+    def validate(self) -> None:
+        if self.epochs < 1 and self.max_steps < 1:
+            raise ConfigError("train.epochs and train.max_steps are both < 1: set one of them to a positive number")
+        if self.grad_accum_steps < 1:
+            raise ConfigError(f"train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"train.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"  # run name: outputs go to <output_dir>/<name>
+    output_dir: str = "outputs"  # parent folder of run folders
+    seed: int = 0  # seeds model init, data order and augmentation
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
+                try:
+                    section.validate()
+                except ConfigError:
+                    raise
+                except ValueError as e:
+                    raise ConfigError(f"{f.name}: {e}") from None
+        if self.optim.warmup_steps >= self.train.max_steps > 0:
+            raise ConfigError(
+                f"optim.warmup_steps={self.optim.warmup_steps} is not below train.max_steps={self.train.max_steps}: "
+                "lower the warmup or train longer")
+
+
+def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Defaults, then the recipe file (if any), then `key.path=value` overrides; validated."""
+    raw: dict[str, Any] = {}
+    if recipe is not None:
+        raw = read_recipe(recipe)
+    for item in overrides or []:
+        apply_override(raw, item)
+    cfg = from_dict(RunConfig, raw, path="")
+    cfg.validate()
+    return cfg
+
+
+def read_recipe(path: str) -> dict[str, Any]:
+    recipe = Path(path)
+    if not recipe.is_file():
+        raise ConfigError(f"recipe file not found: {path} (pass an existing YAML file to --recipe)")
+    with open(recipe) as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML (`1e-4`, `true`, `[a, b]`)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.path=value (e.g. --set optim.lr=1e-5)")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def from_dict(cls: type, raw: Any, path: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and value against the field types."""
+    where = path or "recipe"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a section (mapping), got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown key '{key_path}'{_suggestion(str(key), fields, path)}")
+        kwargs[key] = _coerce(hints[key], value, key_path)
+    return cls(**kwargs)
+
+
+def _suggestion(key: str, fields: dict, path: str) -> str:
+    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean '{path + '.' if path else ''}{close[0]}'?"
+    return f"; valid keys here: {', '.join(sorted(fields))}"
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for candidate in inner:
+            try:
+                return _coerce(candidate, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {inner}")
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}{hint}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        item_type = args[0] if args else Any
+        return [_coerce(item_type, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-data form of a config, as written to the run folder and into checkpoints."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,196 @@
+"""The fine-tuning loop: build every component from a RunConfig, then step, log, evaluate, save."""
+import logging
+import os
+import time
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import yaml
+
+from dsclip import synthetic
+from dsclip.checkpoint import export_model, save_training_checkpoint
+from dsclip.config import RunConfig, to_dict
+from dsclip.data import SyntheticLabelled, build_train_data
+from dsclip.engine import build_engine, precision, resolve_ds_config, resolve_precision
+from dsclip.evaluation import ZeroShotEval
+from dsclip.loss import build_loss
+from dsclip.model import ModelBundle, build_model
+from dsclip.tracking import Tracker
+
+log = logging.getLogger("dsclip")
+
+
+def recipe_values(cfg: RunConfig, world_size: int) -> dict[str, tuple[Any, str]]:
+    """DeepSpeed config fields the recipe decides: ds path -> (value, recipe key)."""
+    return {
+        "train_micro_batch_size_per_gpu": (cfg.data.batch_size, "data.batch_size"),
+        "gradient_accumulation_steps": (cfg.train.grad_accum_steps, "train.grad_accum_steps"),
+        "train_batch_size": (cfg.data.batch_size * cfg.train.grad_accum_steps * world_size,
+                             "data.batch_size x train.grad_accum_steps x world size"),
+        "gradient_clipping": (cfg.train.grad_clip, "train.grad_clip"),
+        "optimizer.params.lr": (cfg.optim.lr, "optim.lr"),
+        "optimizer.params.betas": (cfg.optim.betas, "optim.betas"),
+        "optimizer.params.eps": (cfg.optim.eps, "optim.eps"),
+        "optimizer.params.weight_decay": (cfg.optim.weight_decay, "optim.weight_decay"),
+    }
+
+
+def build_evals(cfg: RunConfig, bundle: ModelBundle) -> list[ZeroShotEval]:
+    if cfg.eval.zeroshot.source == "none":
+        return []
+    dataset = SyntheticLabelled(cfg.data.synthetic, cfg.seed, bundle.eval_transform,
+                                render_size=2 * max(bundle.image_size))
+    names = synthetic.class_names(cfg.data.synthetic.num_classes)
+    return [ZeroShotEval("synthetic", dataset, names, cfg.eval.zeroshot.templates, bundle.tokenizer,
+                         cfg.eval.zeroshot.batch_size)]
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ds_config: dict[str, Any]):
+        self.cfg = cfg
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.run_dir = cfg.run_dir
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        bundle = build_model(cfg.model)
+        self.data = build_train_data(cfg.data, bundle, self.rank, self.world_size, cfg.seed)
+        self.total_steps = cfg.train.max_steps or (
+            cfg.train.epochs * self.data.steps_per_epoch // cfg.train.grad_accum_steps)
+        resolved = resolve_precision(resolve_ds_config(ds_config, recipe_values(cfg, self.world_size)))
+        self.input_dtype = precision(resolved)
+        self.engine = build_engine(bundle.module, resolved, cfg.optim, self.total_steps)
+        self.loss_fn = build_loss(cfg.loss)
+        self.evals = build_evals(cfg, bundle)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.tracker = Tracker(cfg.logging, self.run_dir, to_dict(cfg), self.is_main)
+        self.epoch, self.batch_in_epoch = 0, 0
+        self._batches = None
+
+    # -- phases -----------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        before = self.evaluate() if self.cfg.eval.at_start else {}
+        started, last_log = time.perf_counter(), (time.perf_counter(), self.engine.global_steps)
+        loss_sum = torch.zeros(())
+        while self.engine.global_steps < self.total_steps:
+            images, texts = self.next_batch()
+            loss, logit_scale = self.micro_step(images, texts)
+            loss_sum += loss
+            if not self.engine.is_gradient_accumulation_boundary():
+                continue
+            self.engine.step()
+            step = self.engine.global_steps
+            if step % self.cfg.logging.log_every == 0 or step == self.total_steps:
+                last_log = self.log_progress(step, loss_sum, logit_scale, last_log, started)
+            loss_sum = torch.zeros(())
+            if self.cfg.eval.every_steps and step % self.cfg.eval.every_steps == 0 and step < self.total_steps:
+                self.evaluate()
+            if self.cfg.train.save_every and step % self.cfg.train.save_every == 0 and step < self.total_steps:
+                self.save()
+        after = self.evaluate() if self.cfg.eval.at_end else {}
+        tag = self.save()
+        if self.cfg.train.export:
+            self.export(tag)
+        self.report(before, after)
+        self.tracker.close()
+        return after
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next micro-batch; the data position (epoch, batch) advances with it."""
+        if self._batches is None:
+            self.data.sampler.set_position(self.epoch, self.batch_in_epoch)
+            self._batches = iter(self.data.loader)
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self.data.sampler.set_position(self.epoch, 0)
+            self._batches = iter(self.data.loader)
+            batch = next(self._batches)
+        self.batch_in_epoch += 1
+        return batch
+
+    def micro_step(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.engine.device
+        image_features, text_features, logit_scale, logit_bias = self.engine(
+            images=images.to(device, self.input_dtype), texts=texts.to(device))
+        loss = self.loss_fn(image_features.float(), text_features.float(), logit_scale.float(),
+                            None if logit_bias is None else logit_bias.float())
+        self.engine.backward(loss)
+        return loss.detach().cpu(), logit_scale.detach().cpu()
+
+    def evaluate(self) -> dict[str, float]:
+        metrics = {}
+        for evaluation in self.evals:
+            metrics.update(evaluation.run(self.engine))
+        if metrics:
+            self.tracker.log(self.engine.global_steps, metrics)
+            self.print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    def save(self) -> str:
+        client_state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "config": to_dict(self.cfg)}
+        return save_training_checkpoint(self.engine, self.run_dir / "checkpoints", client_state)
+
+    def export(self, tag: str) -> None:
+        dist.barrier()  # every rank's shard is on disk before rank 0 merges them
+        if self.is_main:
+            weights = export_model(self.run_dir / "checkpoints", tag, self.cfg.model, self.run_dir / "export")
+            self.print(f"exported open_clip weights to {weights}")
+        dist.barrier()
+
+    # -- reporting --------------------------------------------------------------------------
+    def log_progress(self, step: int, loss_sum: torch.Tensor, logit_scale: torch.Tensor,
+                     last_log: tuple[float, int], started: float) -> tuple[float, int]:
+        loss = loss_sum / self.cfg.train.grad_accum_steps
+        dist.all_reduce(loss)  # 1 float: the step's loss averaged over ranks
+        loss = loss.item() / self.world_size
+        now = time.perf_counter()
+        then, then_step = last_log
+        samples = (step - then_step) * self.cfg.data.batch_size * self.cfg.train.grad_accum_steps * self.world_size
+        rate = samples / max(now - then, 1e-9)
+        eta = (now - started) / step * (self.total_steps - step)
+        lr = self.engine.get_lr()[0]
+        self.tracker.log(step, {"train/loss": loss, "train/lr": lr, "train/logit_scale": logit_scale.item(),
+                                "train/samples_per_s": rate, "train/epoch": self.epoch})
+        self.print(f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.3g} "
+                   f"logit_scale {logit_scale.item():.2f} {rate:.0f} samples/s eta {eta:.0f}s")
+        return now, step
+
+    def report(self, before: dict[str, float], after: dict[str, float]) -> None:
+        for key in after:
+            if key in before:
+                self.print(f"{key}: {before[key]:.4f} before -> {after[key]:.4f} after")
+
+    def print(self, message: str) -> None:
+        if self.is_main:
+            print(f"[dsclip] {message}", flush=True)
+
+
+def configure_threads() -> None:
+    """One rank per core share: on CPU, ranks' thread pools otherwise fight over the cores."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+
+
+def single_process_defaults() -> None:
+    """Let `dsclip train` run without a launcher: a world of one rank on a free local port."""
+    if "RANK" in os.environ:
+        return
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def run(cfg: RunConfig, ds_config: dict[str, Any]) -> dict[str, float]:
+    single_process_defaults()
+    configure_threads()
+    deepspeed.init_distributed(verbose=False)
+    return Trainer(cfg, ds_config).train()
