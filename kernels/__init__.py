@@ -1,0 +1,1 @@
+"""Fused contrastive-loss kernels (Triton) and their PyTorch twin."""
