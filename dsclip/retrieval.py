@@ -1,0 +1,126 @@
+"""Evaluation metric math: paired retrieval ranks, zero-shot classifier helpers, forgetting table.
+
+Pure functions of feature tensors; the caller runs the encoders (through the engine, on
+every rank) and hands the gathered features here.
+"""
+import torch
+import torch.nn.functional as F
+
+RECALL_KS = (1, 5, 10)
+
+
+def _check_normalised(name: str, features: torch.Tensor) -> None:
+    norms = torch.linalg.vector_norm(features, dim=1, dtype=torch.float32)
+    worst = (norms - 1).abs().max().item()
+    if worst > 1e-2:
+        raise ValueError(f"{name} rows must be L2-normalised (a norm is off by {worst:.3g}): "
+                         f"pass F.normalize(features, dim=-1)")
+
+
+def _rank_summary(prefix: str, ranks: torch.Tensor) -> dict[str, float]:
+    metrics = {f"{prefix}_R@{k}": 100.0 * (ranks <= k).float().mean().item() for k in RECALL_KS}
+    ordered = ranks.sort().values.double()
+    mid = (len(ordered) - 1) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid] + ordered[mid + 1]) / 2
+    metrics[f"{prefix}_mean_rank"] = ordered.mean().item()
+    metrics[f"{prefix}_median_rank"] = median.item()
+    return metrics
+
+
+@torch.no_grad()
+def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
+                      chunk_size: int = 256) -> dict[str, float]:
+    """Recall@{1,5,10} (percent) and mean/median rank, image->text and text->image.
+
+    Pair i is image i with text i; rows must be L2-normalised. Ranks are 1-based and ties
+    count against the correct item (a collapsed model with identical features gets rank N,
+    not 1). Similarities are computed in (chunk_size x N) blocks and both directions are
+    counted from the same block, so extra memory is O(chunk_size * N), never N x N.
+    """
+    if image_features.ndim != 2 or image_features.shape != text_features.shape:
+        raise ValueError(f"image_features {tuple(image_features.shape)} and text_features "
+                         f"{tuple(text_features.shape)} must both be (N, d) with the same shape")
+    if image_features.shape[0] == 0:
+        raise ValueError("retrieval_metrics needs at least one pair, got N=0")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_normalised("image_features", image_features)
+    _check_normalised("text_features", text_features)
+
+    images = image_features.float()
+    texts = text_features.float()
+    n = images.shape[0]
+    positive = (images * texts).sum(dim=1)  # (N,) score of each correct pair
+    beaten_image = torch.zeros(n, dtype=torch.long)  # texts scoring >= the correct one, per image
+    beaten_text = torch.zeros(n, dtype=torch.long)  # images scoring >= the correct one, per text
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        rows = torch.arange(stop - start)
+        scores = images[start:stop] @ texts.T  # (c, N) block of image x text similarities
+        scores[rows, rows + start] = float("-inf")  # the correct pair never beats itself
+        beaten_image[start:stop] = (scores >= positive[start:stop, None]).sum(dim=1)
+        beaten_text += (scores >= positive[None, :]).sum(dim=0)
+    return {**_rank_summary("image_to_text", beaten_image + 1),
+            **_rank_summary("text_to_image", beaten_text + 1)}
+
+
+def zeroshot_classifier_weights(class_text_features: torch.Tensor) -> torch.Tensor:
+    """(n_classes, n_templates, d) prompt features -> (d, n_classes) classifier.
+
+    Each prompt is normalised, the templates of a class are averaged, and the mean is
+    renormalised, so `image_features @ weights` gives cosine logits.
+    """
+    if class_text_features.ndim != 3 or 0 in class_text_features.shape:
+        raise ValueError(f"class_text_features must be (n_classes, n_templates, d) with no empty "
+                         f"dimension, got {tuple(class_text_features.shape)}")
+    prompts = F.normalize(class_text_features.float(), dim=-1)
+    return F.normalize(prompts.mean(dim=1), dim=-1).T
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor,
+                 ks: tuple[int, ...] = (1, 5)) -> dict[str, int]:
+    """Number of rows whose label is among the k highest logits, as {"top1": n, "top5": n}.
+
+    Counts (not fractions) so that shards can be summed across ranks before dividing.
+    k above the number of classes is clamped to it (every row counts as correct).
+    """
+    if logits.ndim != 2 or labels.shape != (logits.shape[0],):
+        raise ValueError(f"logits must be (N, n_classes) and labels (N,), got "
+                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
+    if any(k < 1 for k in ks):
+        raise ValueError(f"ks must be positive, got {ks}")
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (N, kmax)
+    hits = top == labels[:, None]
+    return {f"top{k}": int(hits[:, :k].any(dim=1).sum().item()) for k in ks}
+
+
+def forgetting_table(before: dict[str, float], after: dict[str, float], general: list[str],
+                     max_drop_points: float) -> tuple[str, list[str]]:
+    """Markdown table of metrics before/after fine-tuning, and warnings for forgotten skills.
+
+    Values are percentages (higher is better); deltas are in points. `general` names the
+    metrics that measure general ability (e.g. ImageNet zero-shot); each one that dropped
+    by more than `max_drop_points` yields a warning. Metrics present on one side only are
+    listed with an empty delta.
+    """
+    if max_drop_points < 0:
+        raise ValueError(f"max_drop_points must be >= 0, got {max_drop_points}")
+    missing = [name for name in general if name not in before or name not in after]
+    if missing:
+        raise ValueError(f"general metrics {missing} need a value both before and after fine-tuning; "
+                         f"evaluate them in both runs or drop them from the list")
+
+    def cell(value: float | None) -> str:
+        return "" if value is None else f"{value:.2f}"
+
+    lines = ["| metric | before | after | delta (points) |", "|---|---:|---:|---:|"]
+    warnings = []
+    for name in sorted(before.keys() | after.keys()):
+        old, new = before.get(name), after.get(name)
+        delta = "" if old is None or new is None else f"{new - old:+.2f}"
+        label = f"{name} (general)" if name in general else name
+        lines.append(f"| {label} | {cell(old)} | {cell(new)} | {delta} |")
+        if name in general and old - new > max_drop_points:
+            warnings.append(f"{name} dropped {old - new:.2f} points ({old:.2f} -> {new:.2f}), "
+                            f"more than the allowed {max_drop_points:.2f}")
+    return "\n".join(lines) + "\n", warnings
