@@ -1,0 +1,206 @@
+"""WebDataset loader: exactly-once epochs across ranks and workers, weighted mixing, bad data, errors, resume."""
+import io
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import webdataset as wds
+from PIL import Image
+
+from dsclip.webdata import DataStallError, WebDataConfig, build_webdataset_loader
+
+
+def jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_shards(folder: Path, n_shards: int, per_shard: int, first_id: int = 0, bad: dict | None = None) -> str:
+    """Shards of samples whose caption is 'sample <id>'; bad maps id -> {'jpg': ..., 'txt': ...} overrides."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for s in range(n_shards):
+        name = f"{s:05d}.tar"
+        with wds.TarWriter(str(folder / name)) as w:
+            for i in range(per_shard):
+                sid = first_id + s * per_shard + i
+                sample = {"__key__": f"{sid:08d}", "jpg": jpeg(sid), "txt": f"sample {sid}"}
+                sample.update((bad or {}).get(sid, {}))
+                w.write(sample)
+        shards.append({"name": name, "samples": per_shard})
+    (folder / "manifest.json").write_text(json.dumps({"shards": shards, "total": n_shards * per_shard}))
+    return str(folder / f"{{00000..{n_shards - 1:05d}}}.tar")
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255
+
+
+def id_tokens(captions: list[str]) -> torch.Tensor:
+    """Stands in for a tokenizer: the sample id, so tests can see which samples a batch holds."""
+    return torch.tensor([[int(c.split()[-1])] for c in captions], dtype=torch.long)
+
+
+def loader(cfg: WebDataConfig, **kw):
+    kw.setdefault("batch_size", 4)
+    return build_webdataset_loader(cfg, transform=to_tensor, tokenizer=id_tokens, **kw)
+
+
+def ids_of(batches) -> list[int]:
+    return [int(t) for _, tokens in batches for t in tokens[:, 0]]
+
+
+def _rank_main(rank: int, world: int, port: int, urls: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    # ranks started by deepspeed/torchrun fork their loader workers; mp.spawn children would spawn them (slow imports)
+    mp.set_start_method("fork", force=True)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dl = loader(WebDataConfig(urls=[urls]), world_size=world, rank=rank, num_workers=2, seed=3)
+    batches = list(dl)
+    assert all(images.shape == (4, 3, 8, 8) for images, _ in batches)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, {"ids": ids_of(batches), "steps": len(dl), "batches": len(batches)})
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_two_workers_see_every_sample_once_per_epoch(tmp_path):
+    urls = write_shards(tmp_path / "d", n_shards=8, per_shard=12)
+    out = tmp_path / "keys.json"
+    mp.spawn(_rank_main, args=(2, 29511, urls, str(out)), nprocs=2)
+    ranks = json.loads(out.read_text())
+    assert [r["batches"] for r in ranks] == [r["steps"] for r in ranks] == [12, 12]
+    seen = ranks[0]["ids"] + ranks[1]["ids"]
+    assert sorted(seen) == list(range(96))
+    assert not set(ranks[0]["ids"]) & set(ranks[1]["ids"])
+
+
+def test_uneven_shards_give_equal_steps_on_every_rank(tmp_path):
+    urls = write_shards(tmp_path / "d", n_shards=5, per_shard=8)
+    counts = [len(list(loader(WebDataConfig(urls=[urls]), world_size=2, rank=r))) for r in range(2)]
+    # rank 0 holds 3 shards (6 batches), rank 1 holds 2 (4 batches): both stop at 4
+    assert counts == [4, 4]
+
+
+def test_resampled_mix_follows_weights(tmp_path):
+    general = write_shards(tmp_path / "general", n_shards=4, per_shard=50)
+    domain = write_shards(tmp_path / "domain", n_shards=4, per_shard=50, first_id=100_000)
+    cfg = WebDataConfig(urls=[general, domain], weights=[0.8, 0.2], resampled=True, train_num_samples=4000, shuffle_buffer=100)
+    dl = loader(cfg, batch_size=50, seed=1)
+    ids = ids_of(dl)
+    assert len(dl) == 80 and len(ids) == 4000
+    share = sum(i < 100_000 for i in ids) / len(ids)
+    assert abs(share - 0.8) < 0.03, share
+
+
+def test_corrupt_jpeg_and_empty_caption_are_skipped_and_counted(tmp_path, caplog):
+    bad = {2: {"jpg": jpeg(2)[:40]}, 5: {"txt": ""}}
+    urls = write_shards(tmp_path / "d", n_shards=1, per_shard=10, bad=bad)
+    dl = loader(WebDataConfig(urls=[urls], shuffle_buffer=0), num_workers=1)
+    with caplog.at_level(logging.WARNING, logger="dsclip.webdata"):
+        ids = ids_of(dl)
+    assert sorted(ids) == [0, 1, 3, 4, 6, 7, 8, 9]
+    assert dl.skipped() == {"bad_image": 1, "empty_image": 0, "no_image": 0, "no_caption": 1, "bad_shard": 0}
+    warnings = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert warnings == ["rank 0 epoch 0: skipped 2 unusable samples (bad_image=1, no_caption=1)"]
+
+
+def test_empty_image_file_and_empty_shard_are_skipped(tmp_path):
+    urls = write_shards(tmp_path / "d", n_shards=2, per_shard=8, bad={3: {"jpg": b""}})
+    (tmp_path / "d" / "00001.tar").write_bytes(b"")
+    (tmp_path / "d" / "manifest.json").unlink()
+    dl = loader(WebDataConfig(urls=[urls], train_num_samples=8), batch_size=1, train=False)
+    # 7 good samples, topped up to the planned 8 batches by a second pass that stops after sample 0
+    assert ids_of(dl) == [0, 1, 2, 4, 5, 6, 7, 0]
+    assert dl.skipped() == {"bad_image": 0, "empty_image": 1, "no_image": 0, "no_caption": 0, "bad_shard": 1}
+
+
+def test_rank_short_of_batches_tops_up_to_the_planned_steps(tmp_path, caplog):
+    bad = {i: {"jpg": b"not a jpeg"} for i in range(4)}
+    urls = write_shards(tmp_path / "d", n_shards=1, per_shard=12, bad=bad)
+    dl = loader(WebDataConfig(urls=[urls]), num_workers=1)
+    with caplog.at_level(logging.WARNING, logger="dsclip.webdata"):
+        ids = ids_of(dl)
+    assert len(dl) == 3 and len(ids) == 12 and set(ids) == set(range(4, 12))
+    assert any("topping up" in r.getMessage() for r in caplog.records)
+
+
+def test_missing_shard_is_one_clear_error(tmp_path):
+    urls = write_shards(tmp_path / "d", n_shards=3, per_shard=4)
+    (tmp_path / "d" / "00001.tar").unlink()
+    with pytest.raises(FileNotFoundError, match="00001.tar"):
+        loader(WebDataConfig(urls=[urls]))
+
+
+def test_pipe_urls_read_shards_and_a_failing_pipe_names_the_shard(tmp_path):
+    write_shards(tmp_path / "d", n_shards=2, per_shard=4)
+    good = f"pipe:cat {tmp_path}/d/{{00000..00001}}.tar"
+    assert sorted(ids_of(loader(WebDataConfig(urls=[good], train_num_samples=8)))) == list(range(8))
+    broken = f"pipe:cat {tmp_path}/d/missing.tar"
+    with pytest.raises(OSError, match="missing.tar"):
+        list(loader(WebDataConfig(urls=[broken], train_num_samples=8)))
+
+
+def test_stalled_loader_fails_after_timeout(tmp_path):
+    write_shards(tmp_path / "d", n_shards=1, per_shard=4)
+    cfg = WebDataConfig(urls=[f"pipe:sleep 8; cat {tmp_path}/d/00000.tar"], train_num_samples=4, timeout_s=1)
+    start = time.monotonic()
+    with pytest.raises(DataStallError, match="no batch from the data loader workers in 1s"):
+        list(loader(cfg, num_workers=1))
+    assert time.monotonic() - start < 8
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_resume_mid_epoch_reproduces_the_remaining_batches(tmp_path, resampled):
+    urls = write_shards(tmp_path / "d", n_shards=4, per_shard=10, bad={13: {"txt": ""}})
+    cfg = WebDataConfig(urls=[urls], resampled=resampled, train_num_samples=40, shuffle_buffer=7)
+    make = lambda: loader(cfg, num_workers=2, seed=5)  # noqa: E731
+    reference = make()
+    reference.set_epoch(1)
+    expected = ids_of(reference)
+    first = make()
+    first.set_epoch(1)
+    head = []
+    for images, tokens in first:
+        head.append((images, tokens))
+        if len(head) == 3:
+            break
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = make()
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)
+    assert ids_of(head) + ids_of(resumed) == expected
+    assert resumed.skipped() == reference.skipped()
+
+
+def test_open_clip_transform_and_tokenizer_give_model_shapes(tmp_path):
+    import open_clip
+
+    open_clip.add_model_config(Path(__file__).resolve().parents[1] / "dsclip" / "model_configs")
+    _, preprocess_train, preprocess_val = open_clip.create_model_and_transforms("dsclip-tiny")
+    tokenizer = open_clip.get_tokenizer("dsclip-tiny")
+    urls = write_shards(tmp_path / "d", n_shards=2, per_shard=4)
+    for transform, train in [(preprocess_train, True), (preprocess_val, False)]:
+        dl = build_webdataset_loader(WebDataConfig(urls=[urls]), transform=transform, tokenizer=tokenizer, batch_size=4, train=train)
+        images, tokens = next(iter(dl))
+        assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+        assert tokens.shape == (4, 16) and tokens.dtype == torch.long
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="weights only apply when resampled"):
+        WebDataConfig(urls=["a.tar", "b.tar"], weights=[0.8, 0.2]).validate()
+    with pytest.raises(ValueError, match="train_num_samples must be > 0"):
+        WebDataConfig(urls=["a.tar"], resampled=True).validate()
+    with pytest.raises(ValueError, match="urls is empty"):
+        WebDataConfig().validate()
