@@ -48,7 +48,7 @@ def test_bad_rows_are_replaced_and_counted_across_workers(tmp_path):
     rows = ["filepath,title", "0.png,zero", "1.png,missing file", "2.png,two", "3.png,corrupt", "4.png,", "5.png,five", "6.png,empty file"]
     (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
     ds = CsvDataset(CsvConfig(path=str(tmp_path / "d.csv")), transform=to_tensor, tokenizer=char_tokens)
-    batches = list(DataLoader(ds, batch_size=4, num_workers=2)  # one batch per worker)
+    batches = list(DataLoader(ds, batch_size=4, num_workers=2))  # one batch per worker
     captions = [text(t) for _, tokens in batches for t in tokens]
     # 1 -> 2; 3 -> (4 has no caption) -> 5; 4 -> 5; 6 -> wraps to 0
     assert captions == ["zero", "two", "two", "five", "five", "five", "zero"]
