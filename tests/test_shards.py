@@ -1,0 +1,126 @@
+"""make-shards: shards + manifest from each source kind, restartable writing, reading back through the loader."""
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dsclip.shards import FASHION_MNIST_DIR, OPENCLIPART_DIR, Sample, open_source, write_shards
+from dsclip.webdata import WebDataConfig, build_webdataset_loader
+
+
+def save_png(path: Path, value: int, mode: str = "RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (12, 10), (value,) * len(mode)).save(path)
+
+
+def make_folder(root: Path, per_class: int = 5) -> None:
+    for c, name in enumerate(["ankle_boot", "sandal"]):
+        for i in range(per_class):
+            save_png(root / name / f"{i}.png", 10 * c + i)
+
+
+def members(tar_path: Path) -> dict[str, bytes]:
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+class CountingSource:
+    """Wraps a source; raises after `fail_at` loads to simulate an interrupted run."""
+
+    def __init__(self, inner, fail_at: int = -1):
+        self.inner, self.fail_at, self.loads = inner, fail_at, 0
+        self.name, self.class_names = inner.name, inner.class_names
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def load(self, index: int) -> Sample | None:
+        if self.loads == self.fail_at:
+            raise KeyboardInterrupt
+        self.loads += 1
+        return self.inner.load(index)
+
+
+def test_folder_source_writes_shards_manifest_and_labels(tmp_path):
+    make_folder(tmp_path / "src")
+    manifest = write_shards(open_source(str(tmp_path / "src"), templates=["a photo of a {}."]), str(tmp_path / "out"),
+                            per_shard=4, image_size=20, progress=False)
+    assert [s["samples"] for s in manifest["shards"]] == [4, 4, 2] and manifest["total"] == 10 and manifest["complete"]
+    assert manifest["class_names"] == ["ankle boot", "sandal"]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
+    files = members(tmp_path / "out" / "shard-000002.tar")
+    assert sorted(files) == ["000000008.jpg", "000000008.json", "000000008.txt", "000000009.jpg", "000000009.json", "000000009.txt"]
+    assert files["000000008.txt"] == b"a photo of a sandal."
+    assert json.loads(files["000000008.json"])["label"] == 1
+    assert Image.open(io.BytesIO(files["000000008.jpg"])).size == (24, 20)  # shorter side -> image_size
+
+
+def test_shards_read_back_through_the_loader_with_manifest_counts(tmp_path):
+    make_folder(tmp_path / "src")
+    write_shards(open_source(str(tmp_path / "src")), str(tmp_path / "out"), per_shard=3, progress=False)
+    transform = lambda img: torch.zeros(3, 4, 4)  # noqa: E731
+    tokenizer = lambda texts: torch.tensor([[len(t)] for t in texts])  # noqa: E731
+    cfg = WebDataConfig(urls=[str(tmp_path / "out" / "shard-{000000..000003}.tar")])
+    dl = build_webdataset_loader(cfg, transform=transform, tokenizer=tokenizer, batch_size=1, train=False)
+    assert len(dl) == 10 and len(list(dl)) == 10
+
+
+def test_rerun_after_interruption_skips_finished_shards(tmp_path):
+    make_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(CountingSource(open_source(str(tmp_path / "src")), fail_at=6), str(out), per_shard=4, progress=False)
+    partial = json.loads((out / "manifest.json").read_text())
+    assert [s["name"] for s in partial["shards"]] == ["shard-000000.tar"] and not partial["complete"]
+    assert (out / ".shard-000001.tar.tmp").exists() and not (out / "shard-000001.tar").exists()
+    first = (out / "shard-000000.tar").stat().st_mtime_ns
+    source = CountingSource(open_source(str(tmp_path / "src")))
+    manifest = write_shards(source, str(out), per_shard=4, progress=False)
+    assert source.loads == 6  # shard 0 was not rewritten
+    assert (out / "shard-000000.tar").stat().st_mtime_ns == first
+    assert manifest["total"] == 10 and manifest["complete"]
+    with pytest.raises(ValueError, match="other settings"):
+        write_shards(open_source(str(tmp_path / "src")), str(out), per_shard=5, progress=False)
+
+
+def test_csv_source_skips_and_counts_unusable_rows(tmp_path):
+    save_png(tmp_path / "img" / "a.png", 1)
+    save_png(tmp_path / "img" / "clipart.png", 0, mode="RGBA")  # fully transparent
+    (tmp_path / "img" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    rows = ["filepath,title", "img/a.png,first", "img/broken.jpg,broken", "img/missing.png,gone", "img/a.png,", "img/clipart.png,clip"]
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    manifest = write_shards(open_source(str(tmp_path / "pairs.csv")), str(tmp_path / "out"), per_shard=10,
+                            image_format="png", progress=False)
+    assert manifest["total"] == 2 and manifest["skipped"] == 3 and manifest["class_names"] is None
+    files = members(tmp_path / "out" / "shard-000000.tar")
+    assert files["000000004.txt"] == b"clip"
+    assert Image.open(io.BytesIO(files["000000004.png"])).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+
+
+def test_unknown_source_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a .csv/.tsv file, a folder"):
+        open_source(str(tmp_path / "nothing-here"))
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_idx_files_give_labelled_captions():
+    train, test = open_source("fashion-mnist"), open_source("fashion-mnist", split="test")
+    assert (len(train), len(test)) == (60000, 10000)
+    sample = train.load(0)
+    assert sample.meta == {"label": 9, "class_name": "Ankle boot"}  # the first training image is an ankle boot
+    assert sample.caption == "a photo of a ankle boot." and sample.image.size == (28, 28)
+    assert np.asarray(sample.image).std() > 10
+    assert np.bincount(train.labels, minlength=10).tolist() == [6000] * 10
+
+
+@pytest.mark.skipif(not Path(OPENCLIPART_DIR).is_dir(), reason="apt-get install openclipart-png")
+def test_openclipart_collection_gives_titled_captions():
+    source = open_source("openclipart")
+    assert len(source) > 8000 and "animals" in source.class_names
+    sample = source.load(0)
+    assert sample.caption.startswith("clip art of ") and sample.image.mode == "RGB"
