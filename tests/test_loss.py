@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
 from dsclip.loss import LossConfig, TiledContrastiveLoss, build_loss
+from kernels.contrastive import INTERPRET
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # fp32 acceptance
 NAMES = ("loss", "d_image", "d_text", "d_scale", "d_bias")
@@ -61,12 +62,13 @@ SINGLE_RANK_CASES = [
     ("siglip", "torch_tiled", 1, 32, 16),
     ("siglip", "torch_tiled", 37, 77, 16),
     ("siglip", "torch_tiled", 300, 1024, 64),
-    ("clip", "triton", 1, 32, 0),
-    ("clip", "triton", 37, 45, 0),
-    ("siglip", "triton", 37, 45, 0),
     ("clip", "reference", 37, 77, 0),
     ("siglip", "reference", 37, 77, 0),
 ]
+# CPU tensors reach the Triton kernels only through the interpreter; on CUDA machines
+# tests/test_kernels.py's gpu table compares the compiled kernels with open_clip instead.
+if INTERPRET:
+    SINGLE_RANK_CASES += [("clip", "triton", 1, 32, 0), ("clip", "triton", 37, 45, 0), ("siglip", "triton", 37, 45, 0)]
 
 
 @pytest.mark.parametrize("kind,impl,b,d,chunk", SINGLE_RANK_CASES)
@@ -106,9 +108,9 @@ TWO_RANK_CASES = [
     ("siglip", "torch_tiled", 1, 32, 16),
     ("siglip", "torch_tiled", 19, 77, 8),
     ("siglip", "torch_tiled", 150, 1024, 64),
-    ("clip", "triton", 19, 45, 0),
-    ("siglip", "triton", 19, 45, 0),
 ]
+if INTERPRET:
+    TWO_RANK_CASES += [("clip", "triton", 19, 45, 0), ("siglip", "triton", 19, 45, 0)]
 
 
 def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One prepared GPU check, under 8 minutes on one CUDA GPU:
+#   1. the Triton kernel and loss parity tests, compiled for real (no interpreter);
+#   2. the loss benchmark (open_clip ClipLoss vs dsclip with Triton kernels), bf16 and fp32, 1 rank.
+# Logs and JSON go to $OUT (default bench/results). Each stage has its own timeout, so a
+# hang in one still leaves the others' results; the exit status is non-zero if any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=0
+OUT="${OUT:-bench/results}"
+mkdir -p "$OUT"
+status=0
+
+python -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device';
+print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))" 2>&1 | tee "$OUT/gpu_env.txt" || exit 1
+
+echo "== kernel + loss tests on CUDA"
+timeout 200 python -m pytest tests/test_kernels.py tests/test_loss.py -m "gpu or not slow" -q -p no:cacheprovider \
+    2>&1 | tee "$OUT/gpu_tests.txt" || status=1
+
+for dtype in bf16 fp32; do
+    echo "== loss benchmark, Triton kernels, $dtype"
+    timeout 110 python bench/loss.py --device cuda --dtype "$dtype" --impl triton --ranks 1 \
+        --host-budget-gb 100 --json "$OUT/loss_cuda_$dtype.json" 2>&1 | tee "$OUT/gpu_bench_$dtype.txt" || status=1
+done
+exit $status

@@ -1,0 +1,213 @@
+"""Peak extra memory and forward+backward time: open_clip ClipLoss vs dsclip's tiled loss.
+
+    python bench/loss.py                                   # CPU, fp32, 1 and 2 ranks (gloo)
+    python bench/loss.py --device cuda --dtype bf16 --ranks 1
+
+Each rank count runs in fresh processes; each rank measures, per global batch B and loss,
+the peak memory above what it held before the loss (CPU: the process's peak RSS, reset
+through /proc/self/clear_refs; CUDA: the allocator's peak) and the wall time of one
+forward+backward. ClipLoss runs whose predicted memory (per-rank bytes per logit x b x B,
+from the largest batch measured so far) exceeds --host-budget-gb are skipped and
+extrapolated (memory and time grow as b x B for ClipLoss); the table marks them with '*'.
+Prints a table and writes JSON.
+"""
+import argparse
+import ctypes
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dsclip.loss import LossConfig, build_loss  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+GB = 1024 ** 3
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def _reset_peak(device: str) -> int:
+    """Resets the peak-memory counter; returns the memory held now."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so reuse of it is not invisible
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+    return _rss_bytes("VmRSS")
+
+
+def _peak(device: str) -> int:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return _rss_bytes("VmHWM")
+
+
+def make_loss(name: str, args: argparse.Namespace):
+    """The one setup factory: open_clip's ClipLoss or dsclip's loss for this process group."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if name == "open_clip":
+        from open_clip.loss import ClipLoss
+        return ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+    return build_loss(LossConfig(impl=args.impl, chunk_rows=args.chunk_rows))
+
+
+def step(loss_fn, b: int, args: argparse.Namespace, seed: int) -> tuple[float, int]:
+    """(seconds, peak extra bytes) of one forward+backward at local batch b."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = DTYPES[args.dtype]
+    image = F.normalize(torch.randn(b, args.dim, generator=gen), dim=-1).to(args.device, dtype).requires_grad_()
+    text = F.normalize(torch.randn(b, args.dim, generator=gen), dim=-1).to(args.device, dtype).requires_grad_()
+    scale = torch.tensor([14.3], device=args.device, requires_grad=True)
+    before = _reset_peak(args.device)
+    start = time.perf_counter()
+    loss_fn(image, text, scale).backward()
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return seconds, _peak(args.device) - before
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo" if args.device == "cpu" else "nccl", rank=rank, world_size=world)
+    losses = {name: make_loss(name, args) for name in args.losses}
+    for loss_fn in losses.values():
+        step(loss_fn, 64, args, seed=rank)  # warm-up: first-call costs (and Triton compiles) off the clock
+    bytes_per_logit = {name: None for name in losses}
+    rows = []
+    for batch in args.batches:
+        b = batch // world
+        # losses alternate at each batch, so both see the same background load on a shared machine
+        for name, loss_fn in losses.items():
+            predicted = None if bytes_per_logit[name] is None else bytes_per_logit[name] * b * batch
+            fits = name != "open_clip" or predicted is None or predicted * world <= args.host_budget_gb * GB
+            if dist.is_initialized():  # all ranks skip together
+                flag = torch.tensor([int(fits)], device=args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                fits = bool(flag.item())
+            if not fits:
+                rows.append({"loss": name, "batch": batch, "measured": False})
+                continue
+            if args.device == "cuda":
+                step(loss_fn, b, args, seed=rank)  # per-shape autotune off the clock
+            seconds, extra = step(loss_fn, b, args, seed=rank)
+            bytes_per_logit[name] = extra / (b * batch)
+            rows.append({"loss": name, "batch": batch, "measured": True, "seconds": seconds,
+                         "peak_extra_bytes": extra})
+            print(f"rank {rank}/{world} {name} B={batch}: {seconds:.2f} s, {extra / GB:.3f} GB", flush=True)
+    with open(f"{out}.rank{rank}.json", "w") as f:
+        json.dump(rows, f)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run(world: int, args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """Per loss and batch: time = slowest rank, memory = largest rank; skipped points extrapolated as b x B."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp / f"ranks{world}")
+    mp.spawn(_worker, args=(world, port, args, out), nprocs=world, join=True)
+    per_rank = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(world)]
+    rows = []
+    for name in args.losses:
+        last = None
+        for points in zip(*[[p for p in ranks if p["loss"] == name] for ranks in per_rank]):
+            row = {"loss": name, "ranks": world, "batch": points[0]["batch"], "measured": points[0]["measured"]}
+            if row["measured"]:
+                row["seconds"] = max(p["seconds"] for p in points)
+                row["peak_extra_gb"] = max(p["peak_extra_bytes"] for p in points) / GB
+                last = row
+            elif last is not None:
+                growth = (row["batch"] / last["batch"]) ** 2
+                row["seconds"] = last["seconds"] * growth
+                row["peak_extra_gb"] = last["peak_extra_gb"] * growth
+            rows.append(row)
+    return rows
+
+
+def largest_batch_in(rows: list[dict], limit_gb: float) -> int:
+    """Largest global batch whose per-rank peak extra memory fits limit_gb, from the measured growth.
+
+    open_clip: memory = c * B^2 (fit on the largest measured batch). dsclip: memory = a + c * B
+    (line through the two largest measured batches)."""
+    measured = [r for r in rows if r["measured"]]
+    big = measured[-1]
+    if big["loss"] == "open_clip":
+        return int((limit_gb / big["peak_extra_gb"]) ** 0.5 * big["batch"])
+    small = measured[-2]
+    slope = (big["peak_extra_gb"] - small["peak_extra_gb"]) / (big["batch"] - small["batch"])
+    return int(big["batch"] + (limit_gb - big["peak_extra_gb"]) / slope)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--losses", nargs="+", default=["open_clip", "dsclip"], choices=["open_clip", "dsclip"])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--impl", default="auto", choices=["auto", "triton", "torch_tiled"], help="dsclip loss.impl")
+    parser.add_argument("--chunk-rows", type=int, default=1024, help="loss.chunk_rows for torch_tiled")
+    parser.add_argument("--host-budget-gb", type=float, default=18.0, help="skip ClipLoss runs predicted above this")
+    parser.add_argument("--limit-gb", type=float, default=16.0, help="memory for the 'largest batch that fits' column")
+    parser.add_argument("--json", default="bench/results/loss_{device}_{dtype}.json")
+    args = parser.parse_args()
+
+    tmp = Path(args.json.format(device=args.device, dtype=args.dtype)).parent / ".loss_tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    rows = [row for world in args.ranks for row in run(world, args, tmp)]
+
+    print(f"\nforward+backward, d={args.dim}, {args.dtype} on {args.device}; per-rank peak extra memory"
+          f" ('*' = did not fit, extrapolated as b x B from the largest measured batch)")
+    print(f"{'ranks':>5} {'loss':>10} {'B':>7} {'peak extra GB':>14} {'seconds':>9} {'mem ratio':>10} {'time ratio':>11}")
+    by_key = {(r["loss"], r["ranks"], r["batch"]): r for r in rows}
+    for r in rows:
+        base = by_key.get(("open_clip", r["ranks"], r["batch"]))
+        mark = "" if r["measured"] else "*"
+        if "seconds" not in r:
+            print(f"{r['ranks']:>5} {r['loss']:>10} {r['batch']:>7} {'not run':>14}")
+            continue
+        ratios = ""
+        if r["loss"] == "dsclip" and base and "seconds" in base:
+            r["mem_ratio_vs_open_clip"] = r["peak_extra_gb"] / base["peak_extra_gb"]
+            r["time_ratio_vs_open_clip"] = r["seconds"] / base["seconds"]
+            ratios = f"{r['mem_ratio_vs_open_clip']:>10.4f} {r['time_ratio_vs_open_clip']:>11.3f}"
+        print(f"{r['ranks']:>5} {r['loss']:>10} {r['batch']:>7} {r['peak_extra_gb']:>13.3f}{mark:1}"
+              f" {r['seconds']:>8.2f}{mark:1} {ratios}")
+    fits = {f"{name}/{world}": largest_batch_in([r for r in rows if r["loss"] == name and r["ranks"] == world],
+                                                args.limit_gb)
+            for world in args.ranks for name in args.losses}
+    print(f"\nlargest global batch with per-rank peak extra memory <= {args.limit_gb} GB "
+          "(computed from the measured growth: B^2 for open_clip, linear for dsclip):")
+    for key, batch in fits.items():
+        print(f"  {key:>14} ranks: {batch}")
+    path = Path(args.json.format(device=args.device, dtype=args.dtype))
+    path.write_text(json.dumps({"args": vars(args), "rows": rows, "largest_batch_in_limit": fits}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
