@@ -29,7 +29,7 @@ def make_images(root: Path, n: int, size: int, classes: int = 10) -> None:
         Image.fromarray(base).resize((size, size), Image.BICUBIC).save(folder / f"{i:06d}.jpg", quality=90)
 
 
-def throughput(loader, batch_size: int) -> tuple[float, int]:
+def throughput(loader) -> tuple[float, int]:
     start, images = time.perf_counter(), 0
     for batch in loader:
         images += batch[0].shape[0]
@@ -58,12 +58,12 @@ def main() -> None:
         for workers in args.workers:
             loader = build_webdataset_loader(WebDataConfig(urls=[urls]), transform=transform, tokenizer=tokenizer,
                                              batch_size=args.batch_size, num_workers=workers)
-            rate, n = throughput(loader, args.batch_size)
+            rate, n = throughput(loader)
             rows.append({"loader": "dsclip webdataset (+tokenize)", "workers": workers, "images": n, "images_per_s": rate})
         folder = ImageFolder(str(root / "folder"), transform=transform)
         for workers in args.workers:
             loader = DataLoader(folder, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=workers)
-            rate, n = throughput(loader, args.batch_size)
+            rate, n = throughput(loader)
             rows.append({"loader": "torchvision ImageFolder", "workers": workers, "images": n, "images_per_s": rate})
     print(f"{'loader':32} {'workers':>7} {'images':>7} {'images/s':>9}")
     for r in rows:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,8 +182,6 @@ def _encode(image: Image.Image, image_size: int, image_format: str) -> bytes:
 
 def _count_keys(path: Path) -> int:
     """Samples in a finished shard (for a shard the manifest does not list yet)."""
-    import tarfile
-
     with tarfile.open(path) as tar:
         return len({Path(n).name.split(".", 1)[0] for n in tar.getnames()})
 
