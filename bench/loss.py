@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--impl", default="auto", choices=["auto", "triton", "torch_tiled"], help="dsclip loss.impl")
     parser.add_argument("--chunk-rows", type=int, default=1024, help="loss.chunk_rows for torch_tiled")
-    parser.add_argument("--host-budget-gb", type=float, default=18.0, help="skip ClipLoss runs predicted above this")
+    parser.add_argument("--host-budget-gb", type=float, default=10.0, help="skip ClipLoss runs predicted above this")
     parser.add_argument("--limit-gb", type=float, default=16.0, help="memory for the 'largest batch that fits' column")
     parser.add_argument("--json", default="bench/results/loss_{device}_{dtype}.json")
     args = parser.parse_args()
