@@ -18,6 +18,7 @@ import yaml
 from dsclip.data import DataConfig
 from dsclip.engine import OptimConfig
 from dsclip.evaluation import EvalConfig
+from dsclip.freeze import FreezeConfig
 from dsclip.loss import LossConfig
 from dsclip.model import ModelConfig
 from dsclip.tracking import LoggingConfig
@@ -52,6 +53,7 @@ class RunConfig:
     seed: int = 0  # seeds model init, data order and augmentation
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -5,17 +5,26 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import deepspeed
 import torch
 from torch import nn
+
+from dsclip.layer_decay import LayerDecayConfig, LayerPartition, layer_lr_scales
 
 AUTO = "auto"
 
 
 class DeepSpeedConfigError(ValueError):
     """The DeepSpeed config file is missing, unreadable or contradicts the recipe."""
+
+
+@dataclass
+class TowerOptimConfig:
+    lr: Optional[float] = None  # this tower's peak lr; None = optim.lr
+    weight_decay: Optional[float] = None  # this tower's decay; None = optim.weight_decay
+    layer_decay: float = 1.0  # EVA-CLIP layer-wise lr decay: lr x decay^(depth + 1 - layer); 1.0 = off
 
 
 @dataclass
@@ -27,7 +36,9 @@ class OptimConfig:
     schedule: Literal["cosine", "const", "const-cooldown"] = "cosine"  # shape after warmup
     warmup_steps: int = 50  # linear warmup from 0 to lr, in optimizer steps
     cooldown_steps: int = 0  # const-cooldown: final steps of linear decay to min_lr
-    min_lr: float = 0.0  # floor of the cosine and of the cooldown
+    min_lr: float = 0.0  # floor of the cosine and of the cooldown 
+    image: TowerOptimConfig = field(default_factory=TowerOptimConfig)  # image-tower overrides
+    text: TowerOptimConfig = field(default_factory=TowerOptimConfig)  # text-tower overrides
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -40,6 +51,13 @@ class OptimConfig:
             raise ValueError("optim.schedule=const-cooldown needs optim.cooldown_steps > 0")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
+        self.layer_decay().validate()
+
+    def layer_decay(self) -> LayerDecayConfig:
+        return LayerDecayConfig(image=self.image.layer_decay, text=self.text.layer_decay)
+
+    def tower(self, name: str) -> TowerOptimConfig:
+        return {"image": self.image, "text": self.text}.get(name, TowerOptimConfig())
 
 
 def lr_factor(cfg: OptimConfig, step: int, total_steps: int) -> float:
@@ -64,14 +82,23 @@ def excluded_from_decay(param: torch.Tensor) -> bool:
     return param.ndim < 2
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters split into decayed / not decayed groups (frozen ones get no state)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if excluded_from_decay(param) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+def param_groups(clip: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """Trainable parameters of the open_clip model, grouped by (lr, weight decay).
+
+    Per-tower lr / decay overrides and layer-wise lr decay set each group's lr; the schedule
+    then scales every group by the same factor. Frozen parameters get no group and no state.
+    """
+    partition = LayerPartition(clip)
+    scales = layer_lr_scales(clip, cfg.layer_decay())
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, param in clip.named_parameters():
+        if not param.requires_grad:
+            continue
+        tower = cfg.tower(partition.tower(name))
+        lr = (cfg.lr if tower.lr is None else tower.lr) * scales[name]
+        decay = cfg.weight_decay if tower.weight_decay is None else tower.weight_decay
+        groups.setdefault((lr, 0.0 if excluded_from_decay(param) else decay), []).append(param)
+    return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
 
 
 def load_ds_config(path: str) -> dict[str, Any]:
@@ -174,10 +201,11 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: OptimConfig, ds: dict[str
 
 
 def build_engine(module: nn.Module, ds: dict[str, Any], optim: OptimConfig, total_steps: int):
-    """Wrap `module` in a DeepSpeed engine with dsclip's optimizer and schedule; `ds` is resolved."""
+    """Wrap the ContrastiveModel in a DeepSpeed engine with dsclip's optimizer and schedule;
+    `ds` is resolved. Freezing must be applied before: frozen parameters get no optimizer state."""
     check_sections(ds)
     engine_config = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
-    optimizer = build_optimizer(param_groups(module, optim.weight_decay), optim, ds)
+    optimizer = build_optimizer(param_groups(module.clip, optim), optim, ds)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(optim, step, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
                                            config=engine_config)

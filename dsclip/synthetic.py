@@ -24,7 +24,7 @@ MAX_CLASSES = len(COLORS) * len(SHAPES)
 
 @dataclass
 class SyntheticConfig:
-    num_classes: int = 16  # (colour, shape) classes used, at most 24
+    num_classes: int = 12  # (colour, shape) classes used, at most 24
     train_samples: int = 16384  # images per training epoch
     eval_samples: int = 512  # held-out images for zero-shot evaluation (a disjoint seed range)
 
@@ -34,9 +34,9 @@ class SyntheticConfig:
 
 
 def class_names(num_classes: int) -> list[str]:
-    """Class i is a colour-shape pair; colours vary fastest so any prefix mixes shapes and colours."""
+    """Class i is a colour-shape pair; shapes vary fastest so any prefix of 4+ classes has every shape."""
     colors = list(COLORS)
-    return [f"{colors[i % len(colors)]} {SHAPES[i // len(colors)]}" for i in range(num_classes)]
+    return [f"{colors[i // len(SHAPES)]} {SHAPES[i % len(SHAPES)]}" for i in range(num_classes)]
 
 
 def render_sample(seed: int, index: int, num_classes: int, size: int = 64) -> tuple[Image.Image, str, int]:
@@ -46,8 +46,9 @@ def render_sample(seed: int, index: int, num_classes: int, size: int = 64) -> tu
     color, shape = class_names(num_classes)[label].split(" ")
     background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
     image = Image.new("RGB", (size, size), BACKGROUNDS[background])
-    radius = size * rng.uniform(0.2, 0.35)
-    cx, cy = rng.uniform(radius, size - radius, size=2)
+    # Large, roughly centred shapes: at 32 px and 8 px patches, outline cues must span patches.
+    radius = size * rng.uniform(0.28, 0.4)
+    cx, cy = size / 2 + size * rng.uniform(-0.08, 0.08, size=2)
     draw_shape(ImageDraw.Draw(image), shape, (cx, cy), radius, COLORS[color])
     template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
     return image, template.format(color=color, shape=shape, background=background), label

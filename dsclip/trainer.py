@@ -2,6 +2,7 @@
 import logging
 import os
 import time
+import warnings
 from typing import Any
 
 import deepspeed
@@ -15,6 +16,7 @@ from dsclip.config import RunConfig, to_dict
 from dsclip.data import SyntheticLabelled, build_train_data
 from dsclip.engine import build_engine, precision, resolve_ds_config, resolve_precision
 from dsclip.evaluation import ZeroShotEval
+from dsclip.freeze import apply_freeze, format_summary
 from dsclip.loss import build_loss
 from dsclip.model import ModelBundle, build_model
 from dsclip.tracking import Tracker
@@ -55,6 +57,7 @@ class Trainer:
         self.run_dir = cfg.run_dir
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         bundle = build_model(cfg.model)
+        self.apply_strategy(bundle)
         self.data = build_train_data(cfg.data, bundle, self.rank, self.world_size, cfg.seed)
         self.total_steps = cfg.train.max_steps or (
             cfg.train.epochs * self.data.steps_per_epoch // cfg.train.grad_accum_steps)
@@ -69,6 +72,11 @@ class Trainer:
         self.tracker = Tracker(cfg.logging, self.run_dir, to_dict(cfg), self.is_main)
         self.epoch, self.batch_in_epoch = 0, 0
         self._batches = None
+
+    def apply_strategy(self, bundle: ModelBundle) -> None:
+        """Freeze before the engine exists, so frozen parameters never get optimizer state."""
+        summary = apply_freeze(bundle.module.clip, self.cfg.freeze)
+        self.print(format_summary(summary))
 
     # -- phases -----------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
@@ -153,7 +161,7 @@ class Trainer:
         samples = (step - then_step) * self.cfg.data.batch_size * self.cfg.train.grad_accum_steps * self.world_size
         rate = samples / max(now - then, 1e-9)
         eta = (now - started) / step * (self.total_steps - step)
-        lr = self.engine.get_lr()[0]
+        lr = max(self.engine.get_lr())
         self.tracker.log(step, {"train/loss": loss, "train/lr": lr, "train/logit_scale": logit_scale.item(),
                                 "train/samples_per_s": rate, "train/epoch": self.epoch})
         self.print(f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.3g} "
@@ -189,7 +197,14 @@ def single_process_defaults() -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def quiet_libraries() -> None:
+    """DeepSpeed logs every engine detail at INFO and torch warns on each reduce-scatter call."""
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*", category=FutureWarning)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
 def run(cfg: RunConfig, ds_config: dict[str, Any]) -> dict[str, float]:
+    quiet_libraries()
     single_process_defaults()
     configure_threads()
     deepspeed.init_distributed(verbose=False)

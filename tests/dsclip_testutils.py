@@ -1,0 +1,50 @@
+"""Shared helpers for dsclip tests: single-process DeepSpeed world, tiny configs, launcher runs."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import deepspeed
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_single_rank() -> None:
+    """A one-rank gloo world inside the test process (idempotent)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    deepspeed.init_distributed(verbose=False)
+
+
+def ds_config(stage: int, tmp_path: Path) -> Path:
+    """The shipped config for `stage`, with every parameter partitioned so ZeRO-3 bugs show."""
+    config = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
+    if stage == 3:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path / f"zero{stage}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def launch(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run dsclip/train.py under the DeepSpeed launcher with `nproc` CPU ranks."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+           "--master_port", str(port), str(REPO / "dsclip" / "train.py"), *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
