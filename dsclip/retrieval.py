@@ -27,12 +27,26 @@ def _rank_summary(prefix: str, ranks: torch.Tensor) -> dict[str, float]:
     return metrics
 
 
+def _count_beaten(image_rows: torch.Tensor, texts: torch.Tensor, positive: torch.Tensor, start: int,
+                  beaten_text: torch.Tensor) -> torch.Tensor:
+    """Per image row, texts scoring >= its pair; adds the rows' votes against each text to beaten_text.
+
+    A function of its own so the (c, N) block and its masks are freed before the next block.
+    """
+    rows = torch.arange(len(image_rows), device=image_rows.device)
+    scores = image_rows @ texts.T  # (c, N) block of image x text similarities
+    scores[rows, rows + start] = float("-inf")  # the correct pair never beats itself
+    # int32 sums: summing a bool block into int64 would copy it at 8 bytes per element.
+    beaten_text += (scores >= positive[None, :]).sum(dim=0, dtype=torch.int32)
+    return (scores >= positive[start:start + len(image_rows), None]).sum(dim=1, dtype=torch.int32)
+
+
 @torch.no_grad()
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
                       chunk_size: int = 256) -> dict[str, float]:
     """Recall@{1,5,10} (percent) and mean/median rank, image->text and text->image.
 
-    Pair i is image i with text i; rows must be L2-normalised. Ranks are 1-based and ties
+    Pair i is image i with text i; rows must be L2-normalised; any device works (CPU or GPU). Ranks are 1-based and ties
     count against the correct item (a collapsed model with identical features gets rank N,
     not 1). Similarities are computed in (chunk_size x N) blocks and both directions are
     counted from the same block, so extra memory is O(chunk_size * N), never N x N.
@@ -51,15 +65,11 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     texts = text_features.float()
     n = images.shape[0]
     positive = (images * texts).sum(dim=1)  # (N,) score of each correct pair
-    beaten_image = torch.zeros(n, dtype=torch.long)  # texts scoring >= the correct one, per image
-    beaten_text = torch.zeros(n, dtype=torch.long)  # images scoring >= the correct one, per text
+    beaten_image = torch.empty(n, dtype=torch.int32, device=images.device)  # texts scoring >= the correct one, per image
+    beaten_text = torch.zeros(n, dtype=torch.int32, device=images.device)  # images scoring >= the correct one, per text
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        rows = torch.arange(stop - start)
-        scores = images[start:stop] @ texts.T  # (c, N) block of image x text similarities
-        scores[rows, rows + start] = float("-inf")  # the correct pair never beats itself
-        beaten_image[start:stop] = (scores >= positive[start:stop, None]).sum(dim=1)
-        beaten_text += (scores >= positive[None, :]).sum(dim=0)
+        beaten_image[start:stop] = _count_beaten(images[start:stop], texts, positive, start, beaten_text)
     return {**_rank_summary("image_to_text", beaten_image + 1),
             **_rank_summary("text_to_image", beaten_text + 1)}
 

@@ -4,6 +4,7 @@ import sys
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from dsclip import tracking
 from dsclip.tracking import WANDB_RUN_ID_FILE, LoggingConfig, Tracker
 
 
@@ -63,13 +64,14 @@ def test_tensorboard_scalars_are_readable_and_resume_purges_replayed_steps(tmp_p
 
 
 def test_wandb_offline_writes_under_run_dir_and_resumes_its_run_id(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = LoggingConfig(report_to=["jsonl", "wandb"], wandb_project="dsclip-test", plots=False)
     tracker = Tracker(cfg, tmp_path, {"train": {"lr": 1e-3}}, is_main=True)
     tracker.log(1, {"train/loss": 2.0})
     tracker.close()
+    wandb.teardown()  # the W&B service writes the run file after finish() returns; wait for it
     run_id = (tmp_path / WANDB_RUN_ID_FILE).read_text().strip()
     runs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 1
@@ -80,6 +82,18 @@ def test_wandb_offline_writes_under_run_dir_and_resumes_its_run_id(tmp_path, mon
     tracker.close()
     assert (tmp_path / WANDB_RUN_ID_FILE).read_text().strip() == run_id
     assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+
+
+def test_wandb_goes_offline_when_the_server_is_unreachable(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(tracking, "wandb_reachable", lambda: False)
+    cfg = LoggingConfig(report_to=["jsonl", "wandb"], plots=False)
+    tracker = Tracker(cfg, tmp_path, {}, is_main=True)
+    tracker.log(1, {"train/loss": 2.0})
+    tracker.close()
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
 
 
 def test_wandb_requested_but_missing_names_the_extra(tmp_path, monkeypatch):
