@@ -1,6 +1,6 @@
 """Training data: data set by kind, this rank's share of it, and a resumable position."""
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -8,23 +8,28 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dsclip import synthetic
 from dsclip.synthetic import SyntheticConfig
 from dsclip.model import ModelBundle
+from dsclip.tabular import CsvConfig, CsvDataset, FolderConfig, FolderDataset
+from dsclip.webdata import WebDataConfig, WebLoader, build_webdataset_loader
 
 EVAL_SEED_OFFSET = 1_000_003  # held-out synthetic images come from a seed range training never uses
 
 
 @dataclass
 class DataConfig:
-    kind: Literal["synthetic"] = "synthetic"  # where training pairs come from
+    kind: Literal["synthetic", "webdataset", "csv", "folder"] = "synthetic"  # where training pairs come from
     batch_size: int = 64  # micro-batch per rank
     num_workers: int = 0  # DataLoader worker processes per rank
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # kind: synthetic
+    webdataset: WebDataConfig = field(default_factory=WebDataConfig)  # kind: webdataset (tar shards)
+    csv: CsvConfig = field(default_factory=CsvConfig)  # kind: csv (image path + caption columns)
+    folder: FolderConfig = field(default_factory=FolderConfig)  # kind: folder (one subfolder per class)
 
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        self.synthetic.validate()
+        getattr(self, self.kind).validate()  # only the selected source must be complete
 
 
 class SyntheticCaptions(Dataset):
@@ -85,21 +90,78 @@ class EpochSampler(Sampler[int]):
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
 
-@dataclass
-class TrainData:
-    loader: DataLoader
-    sampler: EpochSampler
+class MapStyleData:
+    """A map-style data set read in seeded per-epoch order; the position is (epoch, batch)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, rank: int, world_size: int, seed: int):
+        self.dataset = dataset
+        self.sampler = EpochSampler(len(dataset), batch_size, rank, world_size, seed)
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
+                                 num_workers=num_workers)
+        self.epoch, self.batch = 0, 0
 
     @property
     def steps_per_epoch(self) -> int:
-        """Micro-batches per rank per epoch."""
         return self.sampler.batches_per_epoch
+
+    def epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The rest of `epoch` from the current position (its start, unless restored mid-epoch)."""
+        if epoch != self.epoch:
+            self.epoch, self.batch = epoch, 0
+        self.sampler.set_position(self.epoch, self.batch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        for batch in self.loader:
+            self.batch += 1
+            yield batch
+
+    def skipped(self) -> dict[str, int]:
+        return self.dataset.skipped() if hasattr(self.dataset, "skipped") else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.batch = state["epoch"], state["batch"]
+
+
+class ShardData:
+    """WebDataset shards through dsclip.webdata; the loader keeps its own resumable position."""
+
+    def __init__(self, loader: WebLoader):
+        self.loader = loader
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader)
+
+    def epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.loader.set_epoch(epoch)
+        return iter(self.loader)
+
+    def skipped(self) -> dict[str, int]:
+        return self.loader.skipped()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+
+TrainData = Union[MapStyleData, ShardData]
 
 
 def build_train_data(cfg: DataConfig, bundle: ModelBundle, rank: int, world_size: int, seed: int) -> TrainData:
-    dataset = SyntheticCaptions(cfg.synthetic, seed, bundle.train_transform, bundle.tokenizer,
-                                render_size=2 * max(bundle.image_size))
-    sampler = EpochSampler(len(dataset), cfg.batch_size, rank, world_size, seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=cfg.num_workers, persistent_workers=False)
-    return TrainData(loader=loader, sampler=sampler)
+    if cfg.kind == "webdataset":
+        return ShardData(build_webdataset_loader(
+            cfg.webdataset, transform=bundle.train_transform, tokenizer=bundle.tokenizer, batch_size=cfg.batch_size,
+            world_size=world_size, rank=rank, seed=seed, num_workers=cfg.num_workers))
+    if cfg.kind == "csv":
+        dataset = CsvDataset(cfg.csv, transform=bundle.train_transform, tokenizer=bundle.tokenizer)
+    elif cfg.kind == "folder":
+        dataset = FolderDataset(cfg.folder, transform=bundle.train_transform, tokenizer=bundle.tokenizer)
+    else:
+        dataset = SyntheticCaptions(cfg.synthetic, seed, bundle.train_transform, bundle.tokenizer,
+                                    render_size=2 * max(bundle.image_size))
+    return MapStyleData(dataset, cfg.batch_size, cfg.num_workers, rank, world_size, seed)

@@ -70,7 +70,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.tracker = Tracker(cfg.logging, self.run_dir, to_dict(cfg), self.is_main)
-        self.epoch, self.batch_in_epoch = 0, 0
+        self.epoch = 0
         self._batches = None
 
     def apply_strategy(self, bundle: ModelBundle) -> None:
@@ -107,18 +107,14 @@ class Trainer:
         return after
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next micro-batch; the data position (epoch, batch) advances with it."""
+        """The next micro-batch; the data position advances with it, across epochs."""
         if self._batches is None:
-            self.data.sampler.set_position(self.epoch, self.batch_in_epoch)
-            self._batches = iter(self.data.loader)
-        try:
+            self._batches = self.data.epoch_batches(self.epoch)
+        batch = next(self._batches, None)
+        if batch is None:
+            self.epoch += 1
+            self._batches = self.data.epoch_batches(self.epoch)
             batch = next(self._batches)
-        except StopIteration:
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            self.data.sampler.set_position(self.epoch, 0)
-            self._batches = iter(self.data.loader)
-            batch = next(self._batches)
-        self.batch_in_epoch += 1
         return batch
 
     def micro_step(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +136,7 @@ class Trainer:
         return metrics
 
     def save(self) -> str:
-        client_state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "config": to_dict(self.cfg)}
+        client_state = {"epoch": self.epoch, "data": self.data.state_dict(), "config": to_dict(self.cfg)}
         return save_training_checkpoint(self.engine, self.run_dir / "checkpoints", client_state)
 
     def export(self, tag: str) -> None:

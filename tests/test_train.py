@@ -1,0 +1,119 @@
+"""End-to-end training through the real entry point and the engine (CPU, gloo)."""
+import subprocess
+import sys
+
+import deepspeed
+import open_clip
+import pytest
+import torch
+
+from dsclip.config import load_config
+from dsclip.engine import load_ds_config, resolve_ds_config, resolve_precision, build_engine
+from dsclip.loss import LossConfig, build_loss
+from dsclip.model import ModelConfig, build_model
+from dsclip.trainer import Trainer, recipe_values
+from dsclip_testutils import REPO, ds_config, init_single_rank, launch, read_metrics
+
+
+def test_default_run_on_two_ranks_learns_the_synthetic_task(tmp_path):
+    """The README's main job: no recipe, 2 CPU ranks, ZeRO-3; zero-shot top-1 >= 80% after."""
+    result = launch(["--deepspeed_config", "ds_configs/zero3.json", "--output-dir", str(tmp_path)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = tmp_path / "default"
+    records = read_metrics(run_dir)
+    evals = [r for r in records if "eval/synthetic/top1" in r]
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert evals[0]["eval/synthetic/top1"] < 0.25, "before training: near chance (1/12)"
+    assert evals[-1]["eval/synthetic/top1"] >= 0.80, evals
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert (run_dir / "export" / "open_clip_pytorch_model.bin").is_file()
+    assert (run_dir / "checkpoints" / "latest").is_file()
+    assert "before ->" in result.stdout
+
+
+def test_zero2_and_zero3_give_the_same_losses(tmp_path):
+    args = ["--set", "train.max_steps=6", "--set", "optim.warmup_steps=2", "--set", "logging.log_every=1",
+            "--set", "eval.at_start=false", "--set", "eval.at_end=false", "--set", "train.export=false",
+            "--set", "data.batch_size=16"]
+    losses = {}
+    for stage in (2, 3):
+        out = tmp_path / f"z{stage}"
+        result = launch(["--deepspeed_config", str(ds_config(stage, tmp_path)), "--output-dir", str(out), *args])
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[stage] = [r["train/loss"] for r in read_metrics(out / "default")]
+    assert len(losses[3]) == 6
+    assert losses[2] == pytest.approx(losses[3], abs=1e-4)
+
+
+def tiny_trainer(tmp_path, *overrides: str) -> Trainer:
+    init_single_rank()
+    cfg = load_config(None, ["train.max_steps=3", "optim.warmup_steps=1", "data.batch_size=8",
+                             "eval.at_start=false", "eval.at_end=false", f"output_dir={tmp_path}", *overrides])
+    return Trainer(cfg, load_ds_config(str(ds_config(3, tmp_path))))
+
+
+def test_export_loads_in_plain_open_clip_with_the_engines_embeddings(tmp_path):
+    trainer = tiny_trainer(tmp_path)
+    trainer.train()
+    images, texts = next(iter(trainer.data.loader))
+    trainer.engine.eval()
+    with torch.no_grad():
+        engine_images, engine_texts, _, _ = trainer.engine(images=images, texts=texts)
+    export_dir = tmp_path / "default" / "export"
+    for name, pretrained in (("dsclip-tiny", str(export_dir / "open_clip_pytorch_model.bin")),
+                             (f"local-dir:{export_dir}", None)):
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+        model.eval()
+        with torch.no_grad():
+            plain_images = model.encode_image(images, normalize=True)
+            plain_texts = model.encode_text(texts, normalize=True)
+        assert (plain_images - engine_images).abs().max() <= 1e-5
+        assert (plain_texts - engine_texts).abs().max() <= 1e-5
+    trained = torch.load(export_dir / "open_clip_pytorch_model.bin", weights_only=True)
+    assert trained["logit_scale"].shape == ()
+
+
+def loss_and_grads(tmp_path, **model_flags) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    init_single_rank()
+    torch.manual_seed(0)
+    bundle = build_model(ModelConfig(**model_flags))
+    cfg = load_config(None, ["data.batch_size=8"])
+    ds = resolve_precision(resolve_ds_config(load_ds_config(str(ds_config(3, tmp_path))), recipe_values(cfg, 1)))
+    engine = build_engine(bundle.module, ds, cfg.optim, total_steps=10)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(8, 3, 32, 32, generator=generator)
+    texts = torch.randint(1, 49000, (8, 16), generator=generator)
+    image_features, text_features, scale, _ = engine(images=images, texts=texts)
+    loss = build_loss(LossConfig())(image_features, text_features, scale)
+    engine.backward(loss)
+    grads = {n: deepspeed.utils.safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+    engine.zero_grad()
+    return loss.detach(), grads
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients_under_zero3(tmp_path):
+    loss, grads = loss_and_grads(tmp_path)
+    for flags in ({"grad_checkpointing": True}, {"activation_offload": True}):
+        other_loss, other_grads = loss_and_grads(tmp_path, **flags)
+        assert other_loss == pytest.approx(loss.item(), abs=1e-5)
+        for name, grad in grads.items():
+            assert (other_grads[name] - grad).abs().max() <= 1e-5, (flags, name)
+
+
+def run_entry_point(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "dsclip" / "train.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "optim.lrr=1e-4"], "dsclip: error: unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
+    (["--set", "data.batch_size=big"], "dsclip: error: data.batch_size: expected int, got 'big' (str)"),
+    (["--deepspeed_config", "ds_configs/nope.json"],
+     "dsclip: error: DeepSpeed config not found: ds_configs/nope.json (pass --deepspeed_config"),
+    (["--recipe", "launch/recipes/missing.yaml"], "dsclip: error: recipe file not found: launch/recipes/missing.yaml"),
+])
+def test_bad_inputs_fail_with_one_clear_line(args, message):
+    result = run_entry_point(*args)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dsclip: error:")]
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
