@@ -79,9 +79,36 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def make_shards_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dsclip make-shards",
+                                     description="Write WebDataset shards + manifest.json from a local source.")
+    parser.add_argument("src", help="a .csv/.tsv file, an image folder (one subfolder per class), "
+                        "'fashion-mnist' or 'openclipart' (Debian packages)")
+    parser.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar and manifest.json")
+    parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    parser.add_argument("--image-size", type=int, default=0, help="resize the shorter side to this; 0 keeps it")
+    parser.add_argument("--split", choices=["train", "test"], default="train", help="split of fashion-mnist")
+    parser.add_argument("--format", choices=["jpg", "png"], default="jpg", help="image encoding in the shards")
+    parser.add_argument("--image-column", default="filepath", help="CSV column with image paths")
+    parser.add_argument("--caption-column", default="title", help="CSV column with captions")
+    args = parser.parse_args(argv)
+    return guarded(lambda: _make_shards(args))
+
+
+def _make_shards(args: argparse.Namespace) -> int:
+    from dsclip.shards import open_source, write_shards
+    source = open_source(args.src, split=args.split, image_column=args.image_column,
+                         caption_column=args.caption_column)
+    manifest = write_shards(source, args.out, per_shard=args.per_shard, image_size=args.image_size,
+                            image_format=args.format)
+    print(f"wrote {len(manifest['shards'])} shards, {manifest['total']} samples, to {args.out}")
+    return 0
+
+
 COMMANDS = {
-    "train": lambda argv: train_main(argv),
+    "train": train_main,
     "export": export_main,
+    "make-shards": make_shards_main,
 }
 
 
@@ -89,7 +116,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: dsclip {{{','.join(COMMANDS)}}} ...\n"
-              "  train   fine-tune in this process (multi-rank: deepspeed dsclip/train.py ...)\n"
-              "  export  merge a DeepSpeed checkpoint into an open_clip model folder", file=sys.stderr)
+              "  train        fine-tune in this process (multi-rank: deepspeed dsclip/train.py ...)\n"
+              "  export       merge a DeepSpeed checkpoint into an open_clip model folder\n"
+              "  make-shards  write WebDataset shards from a CSV, image folder, fashion-mnist or openclipart",
+              file=sys.stderr)
         return 2
     return COMMANDS[argv[0]](argv[1:])

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import deepspeed
 import torch
 from torch import nn
 
@@ -203,6 +202,8 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: OptimConfig, ds: dict[str
 def build_engine(module: nn.Module, ds: dict[str, Any], optim: OptimConfig, total_steps: int):
     """Wrap the ContrastiveModel in a DeepSpeed engine with dsclip's optimizer and schedule;
     `ds` is resolved. Freezing must be applied before: frozen parameters get no optimizer state."""
+    import deepspeed  # here, not at module level: config loading and `dsclip --help` stay light
+
     check_sections(ds)
     engine_config = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
     optimizer = build_optimizer(param_groups(module.clip, optim), optim, ds)

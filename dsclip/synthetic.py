@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (40, 60, 220), "yellow": (235, 215, 30),
           "purple": (140, 40, 170), "orange": (245, 130, 20)}
-SHAPES = ("circle", "square", "triangle", "cross")
+SHAPES = ("circle", "triangle", "cross", "ring")
 BACKGROUNDS = {"gray": (128, 128, 128), "white": (245, 245, 245), "black": (15, 15, 15)}
 CAPTION_TEMPLATES = (
     "a {color} {shape} on a {background} background",
@@ -25,7 +25,7 @@ MAX_CLASSES = len(COLORS) * len(SHAPES)
 @dataclass
 class SyntheticConfig:
     num_classes: int = 12  # (colour, shape) classes used, at most 24
-    train_samples: int = 16384  # images per training epoch
+    train_samples: int = 32768  # images per training epoch
     eval_samples: int = 512  # held-out images for zero-shot evaluation (a disjoint seed range)
 
     def validate(self) -> None:
@@ -60,8 +60,8 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, center: tuple[float, float
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
     if shape == "circle":
         draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
+    elif shape == "ring":
+        draw.ellipse(box, outline=fill, width=max(2, round(radius / 3)))
     elif shape == "triangle":
         draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=fill)
     elif shape == "cross":
