@@ -7,6 +7,8 @@ for unknown keys, the closest valid key.
 """
 import dataclasses
 import difflib
+import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -191,6 +193,38 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
 
 
+def recipe_reference() -> str:
+    """The markdown table of every recipe key (README's recipe reference is generated from it)."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    rows += [f"| `{key}` | `{default!r}` | {comment} |" for key, default, comment in _reference_rows(RunConfig, "")]
+    return "\n".join(rows)
+
+
+def _reference_rows(cls: type, prefix: str):
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _reference_rows(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", getattr(defaults, f.name), comments.get(f.name, "")
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Each field's trailing `# comment` in the class source: the one place a field is documented."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2).replace("|", "\\|")
+    return comments
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain-data form of a config, as written to the run folder and into checkpoints."""
     return dataclasses.asdict(cfg)
+
+
+if __name__ == "__main__":
+    print(recipe_reference())

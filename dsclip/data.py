@@ -16,7 +16,7 @@ EVAL_SEED_OFFSET = 1_000_003  # held-out synthetic images come from a seed range
 
 @dataclass
 class DataConfig:
-    kind: Literal["synthetic", "webdataset", "csv", "folder"] = "synthetic"  # where training pairs come from
+    kind: Literal["synthetic", "webdataset", "csv", "folder"] = "synthetic"  # synthetic | webdataset | csv | folder: where training pairs come from
     batch_size: int = 64  # micro-batch per rank
     num_workers: int = 0  # DataLoader worker processes per rank
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # kind: synthetic

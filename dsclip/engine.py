@@ -32,10 +32,10 @@ class OptimConfig:
     weight_decay: float = 0.1  # AdamW decay; biases, norms, logit scale and other 1-D params get none
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW (beta1, beta2)
     eps: float = 1e-6  # AdamW epsilon
-    schedule: Literal["cosine", "const", "const-cooldown"] = "cosine"  # shape after warmup
+    schedule: Literal["cosine", "const", "const-cooldown"] = "cosine"  # after warmup: cosine | const | const-cooldown
     warmup_steps: int = 50  # linear warmup from 0 to lr, in optimizer steps
     cooldown_steps: int = 0  # const-cooldown: final steps of linear decay to min_lr
-    min_lr: float = 0.0  # floor of the cosine and of the cooldown 
+    min_lr: float = 0.0  # floor of the cosine and of the cooldown
     image: TowerOptimConfig = field(default_factory=TowerOptimConfig)  # image-tower overrides
     text: TowerOptimConfig = field(default_factory=TowerOptimConfig)  # text-tower overrides
 

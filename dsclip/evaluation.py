@@ -12,7 +12,7 @@ SIMPLE_TEMPLATES = ["a photo of a {}.", "a {}.", "a drawing of a {}.", "a pictur
 
 @dataclass
 class ZeroShotConfig:
-    source: Literal["synthetic", "none"] = "synthetic"  # labelled images to classify; none disables
+    source: Literal["synthetic", "none"] = "synthetic"  # synthetic | none: labelled images to classify
     templates: list[str] = field(default_factory=lambda: list(SIMPLE_TEMPLATES))  # prompts, "{}" = class name
     batch_size: int = 128  # images per forward per rank
 

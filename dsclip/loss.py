@@ -31,8 +31,7 @@ IMPLS = ("auto", "triton", "torch_tiled", "reference")
 @dataclass
 class LossConfig:
     kind: Literal["clip", "siglip"] = "clip"  # clip: softmax contrastive (InfoNCE); siglip: sigmoid with logit bias
-    # auto: Triton kernels on CUDA, the PyTorch twin elsewhere; reference: open_clip's losses (O(b x B) memory)
-    impl: Literal["auto", "triton", "torch_tiled", "reference"] = "auto"
+    impl: Literal["auto", "triton", "torch_tiled", "reference"] = "auto"  # auto: Triton on CUDA, the tiled PyTorch twin elsewhere; reference: open_clip-style logits, O(b x B) memory
     chunk_rows: int = 1024  # image rows per chunk in torch_tiled (work memory: 2 x chunk_rows x B fp32)
 
     def validate(self) -> None:

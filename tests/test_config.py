@@ -78,3 +78,9 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     cfg = load_config(None, ["optim.lr=3e-4", "freeze.strategy=lit"])
     again = load_config(write_recipe(tmp_path, to_dict(cfg)))
     assert again == cfg
+
+
+def test_readme_recipe_reference_is_current():
+    from dsclip.config import recipe_reference
+    from dsclip_testutils import REPO
+    assert recipe_reference() in (REPO / "README.md").read_text(), "regenerate with: python -m dsclip.config"
