@@ -77,11 +77,19 @@ def test_wandb_offline_writes_under_run_dir_and_resumes_its_run_id(tmp_path, mon
     assert len(runs) == 1
     assert b"train/loss" in next(runs[0].glob("*.wandb")).read_bytes()
 
+    def run_ids():
+        # offline-run-<time>-<id>, with "-<n>" appended when two runs start in the same second
+        return {run.name.split("-")[3] for run in (tmp_path / "wandb").glob("offline-run-*")}
+
     tracker = Tracker(cfg, tmp_path, {"train": {"lr": 1e-3}}, is_main=True, resume=True)
     tracker.log(2, {"train/loss": 1.5})
     tracker.close()
     assert (tmp_path / WANDB_RUN_ID_FILE).read_text().strip() == run_id
-    assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+    assert run_ids() == {run_id}
+
+    Tracker(cfg, tmp_path, {}, is_main=True).close()  # not a resume: a new W&B run
+    new_id = (tmp_path / WANDB_RUN_ID_FILE).read_text().strip()
+    assert new_id != run_id and run_ids() == {run_id, new_id}
 
 
 def test_wandb_goes_offline_when_the_server_is_unreachable(tmp_path, monkeypatch):
