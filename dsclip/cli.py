@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from dsclip.config import ConfigError, load_config
+from dsclip.checkpoint import CheckpointError
 from dsclip.engine import DeepSpeedConfigError, load_ds_config
+from dsclip.pretrained import PretrainedError
 
 DEFAULT_DS_CONFIG = "ds_configs/zero3.json"
 
@@ -21,6 +23,13 @@ def train_parser() -> argparse.ArgumentParser:
                         help="override a recipe key, e.g. --set optim.lr=1e-5 (repeatable)")
     parser.add_argument("--output-dir", help="parent folder of run folders (recipe key output_dir)")
     parser.add_argument("--name", help="run name; outputs go to <output-dir>/<name> (recipe key name)")
+    parser.add_argument("--pretrained", metavar="SOURCE", help="initial weights (recipe key model.pretrained): "
+                        "open_clip tag, weights file, HF-style folder, hf-hub:org/name or a dsclip run folder; "
+                        "a new schedule from step 0")
+    parser.add_argument("--resume", metavar="latest|PATH", help="continue a run exactly: model, optimizer, schedule, "
+                        "step, data position and RNG from 'latest' (this run's newest checkpoint) or a step-N folder")
+    parser.add_argument("--trust-checkpoint", action="store_true", help="allow pickled weight files that can run "
+                        "code when loaded (recipe key model.trust_checkpoint)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return parser
 
@@ -32,14 +41,18 @@ def train_main(argv: Optional[list[str]] = None) -> int:
         overrides.append(f"output_dir={args.output_dir}")
     if args.name:
         overrides.append(f"name={args.name}")
-    return guarded(lambda: _train(args.recipe, overrides, args.deepspeed_config))
+    if args.pretrained:
+        overrides.append(f"model.pretrained={args.pretrained}")
+    if args.trust_checkpoint:
+        overrides.append("model.trust_checkpoint=true")
+    return guarded(lambda: _train(args.recipe, overrides, args.deepspeed_config, args.resume))
 
 
-def _train(recipe: Optional[str], overrides: list[str], ds_config_path: str) -> int:
+def _train(recipe: Optional[str], overrides: list[str], ds_config_path: str, resume: Optional[str]) -> int:
     cfg = load_config(recipe, overrides)
     ds_config = load_ds_config(ds_config_path)
     from dsclip.trainer import run  # heavy imports only once the inputs are known to be good
-    run(cfg, ds_config)
+    run(cfg, ds_config, resume)
     return 0
 
 
@@ -47,7 +60,7 @@ def guarded(command: Callable[[], int]) -> int:
     """Run a command; a user error becomes one line on stderr (from one rank) and exit status 2."""
     try:
         return command()
-    except (ConfigError, DeepSpeedConfigError, FileNotFoundError) as e:
+    except (ConfigError, DeepSpeedConfigError, CheckpointError, PretrainedError, FileNotFoundError) as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"dsclip: error: {e}", file=sys.stderr)
         return 2
@@ -55,11 +68,12 @@ def guarded(command: Callable[[], int]) -> int:
 
 def export_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dsclip export",
-                                     description="Merge a DeepSpeed checkpoint into an open_clip model folder.")
-    parser.add_argument("run_dir", type=Path, help="run folder (holds config.yaml and checkpoints/)")
-    parser.add_argument("--tag", help="checkpoint tag, e.g. step-300; default: the latest")
-    parser.add_argument("--out", type=Path, help="output folder; default <run_dir>/export")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+                                     description="Merge a DeepSpeed checkpoint into weights plain open_clip loads.")
+    parser.add_argument("ckpt", help="a run folder (its latest checkpoint), its checkpoints/ folder, or a step-N folder")
+    parser.add_argument("--out", type=Path, help="a folder (open_clip HF layout, loadable as 'local-dir:OUT') or a "
+                        "weights file (.bin/.pt/.safetensors, config beside it as .json); default <run>/export")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="tensor dtype (default fp32)")
+    parser.add_argument("--safetensors", action="store_true", help="write safetensors instead of a torch pickle")
     args = parser.parse_args(argv)
     return guarded(lambda: _export(args))
 
@@ -67,15 +81,12 @@ def export_main(argv: list[str]) -> int:
 def _export(args: argparse.Namespace) -> int:
     import torch
 
-    from dsclip.checkpoint import export_model
-    config_file = args.run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: pass the run folder that training wrote")
-    cfg = load_config(str(config_file))
+    from dsclip.checkpoint import export_model, resolve_checkpoint, run_config_of
+    root, tag = resolve_checkpoint(args.ckpt, Path(args.ckpt) / "checkpoints")
+    cfg = run_config_of(root, tag)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    weights = export_model(args.run_dir / "checkpoints", args.tag, cfg.model, args.out or args.run_dir / "export",
-                           dtype)
-    print(f"wrote {weights}")
+    weights = export_model(root, tag, cfg.model, args.out or root.parent / "export", dtype, args.safetensors)
+    print(f"exported {root / tag} to {weights}")
     return 0
 
 

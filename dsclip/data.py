@@ -90,13 +90,31 @@ class EpochSampler(Sampler[int]):
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
 
+class SeededSamples(Dataset):
+    """Seeds torch's RNG from (seed, epoch, index) around each sample, so random augmentation of a
+    sample does not depend on which worker loads it or on what was loaded before: a run resumed
+    mid-epoch sees exactly the images an uninterrupted run would have seen."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
+            return self.dataset[index]
+
+
 class MapStyleData:
     """A map-style data set read in seeded per-epoch order; the position is (epoch, batch)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, rank: int, world_size: int, seed: int):
         self.dataset = dataset
+        self.samples = SeededSamples(dataset, seed)
         self.sampler = EpochSampler(len(dataset), batch_size, rank, world_size, seed)
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
+        self.loader = DataLoader(self.samples, batch_size=batch_size, sampler=self.sampler, drop_last=True,
                                  num_workers=num_workers)
         self.epoch, self.batch = 0, 0
 
@@ -109,11 +127,15 @@ class MapStyleData:
         if epoch != self.epoch:
             self.epoch, self.batch = epoch, 0
         self.sampler.set_position(self.epoch, self.batch)
+        self.samples.epoch = epoch  # before the iterator starts: workers copy the data set then
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         for batch in self.loader:
             self.batch += 1
             yield batch
+
+    def at_epoch_end(self) -> bool:
+        return self.batch >= self.steps_per_epoch
 
     def skipped(self) -> dict[str, int]:
         return self.dataset.skipped() if hasattr(self.dataset, "skipped") else {}
@@ -138,6 +160,9 @@ class ShardData:
     def epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.loader.set_epoch(epoch)
         return iter(self.loader)
+
+    def at_epoch_end(self) -> bool:
+        return self.loader.state_dict()["step"] >= len(self.loader)
 
     def skipped(self) -> dict[str, int]:
         return self.loader.skipped()

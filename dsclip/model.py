@@ -10,6 +10,8 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 import torch
 from torch import nn
 
+from dsclip.pretrained import load_pretrained
+
 SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"
 MAX_LOGIT_SCALE = 100.0  # open_clip's clamp: exp(logit_scale) never exceeds 100
 
@@ -19,6 +21,8 @@ open_clip.add_model_config(SHIPPED_CONFIGS)
 @dataclass
 class ModelConfig:
     name: str = "dsclip-tiny"  # any open_clip architecture (ViT-B-32, ...) or a config shipped with dsclip
+    pretrained: Optional[str] = None  # initial weights: open_clip tag, weights file, HF-style folder, hf-hub:org/name, dsclip run folder
+    trust_checkpoint: bool = False  # allow pickled weight files that can run code when loaded (only for files you trust)
     image_size: Optional[int] = None  # override the architecture's image size
     context_length: Optional[int] = None  # override the text context length
     grad_checkpointing: bool = False  # recompute each transformer block in backward (open_clip's checkpointing)
@@ -65,8 +69,9 @@ class ModelBundle:
     image_size: tuple[int, int]
 
 
-def build_model(cfg: ModelConfig) -> ModelBundle:
-    """Create the architecture (random init; pretrained loading happens before the engine wraps it)."""
+def build_model(cfg: ModelConfig, load_weights: bool = True) -> ModelBundle:
+    """Create the architecture and load `cfg.pretrained` into it (unless `load_weights` is False,
+    as when resuming), all before the DeepSpeed engine partitions it. Every rank reads the file."""
     clip = open_clip.create_model(
         cfg.name,
         pretrained=None,
@@ -74,6 +79,8 @@ def build_model(cfg: ModelConfig) -> ModelBundle:
         force_context_length=cfg.context_length,
         nonscalar_logit_scale=True,  # DeepSpeed cannot broadcast 0-dim parameters
     )
+    if cfg.pretrained and load_weights:
+        load_pretrained(clip, cfg.name, cfg.pretrained, trust=cfg.trust_checkpoint)
     configure_activation_checkpointing(clip, cfg)
     preprocess = PreprocessCfg(**clip.visual.preprocess_cfg)
     return ModelBundle(

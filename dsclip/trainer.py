@@ -1,17 +1,17 @@
 """The fine-tuning loop: build every component from a RunConfig, then step, log, evaluate, save."""
 import logging
 import os
+import signal
 import time
 import warnings
-from typing import Any
+from typing import Any, Optional
 
-import deepspeed
 import torch
 import torch.distributed as dist
 import yaml
 
 from dsclip import synthetic
-from dsclip.checkpoint import export_model, save_training_checkpoint
+from dsclip.checkpoint import CheckpointError, CheckpointManager, export_model, resolve_checkpoint, resume_conflicts
 from dsclip.config import RunConfig, to_dict
 from dsclip.data import SyntheticLabelled, build_train_data
 from dsclip.engine import build_engine, precision, resolve_ds_config, resolve_precision
@@ -22,6 +22,7 @@ from dsclip.model import ModelBundle, build_model
 from dsclip.tracking import Tracker
 
 log = logging.getLogger("dsclip")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption, SLURM's warning before the time limit
 
 
 def recipe_values(cfg: RunConfig, world_size: int) -> dict[str, tuple[Any, str]]:
@@ -50,13 +51,18 @@ def build_evals(cfg: RunConfig, bundle: ModelBundle) -> list[ZeroShotEval]:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, ds_config: dict[str, Any]):
+    """Owns the engine, data, evaluations, checkpoints and metrics of one run."""
+
+    def __init__(self, cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] = None):
         self.cfg = cfg
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.run_dir = cfg.run_dir
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last,
+                                             cfg.train.best_metric, cfg.train.best_mode)
+        resume_from = self.check_resume(resume) if resume else None
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
-        bundle = build_model(cfg.model)
+        bundle = build_model(cfg.model, load_weights=resume_from is None)
         self.apply_strategy(bundle)
         self.data = build_train_data(cfg.data, bundle, self.rank, self.world_size, cfg.seed)
         self.total_steps = cfg.train.max_steps or (
@@ -66,22 +72,43 @@ class Trainer:
         self.engine = build_engine(bundle.module, resolved, cfg.optim, self.total_steps)
         self.loss_fn = build_loss(cfg.loss)
         self.evals = build_evals(cfg, bundle)
+        self.epoch, self._batches, self.stop_requested = 0, None, False
+        if resume_from is not None:
+            self.restore(*resume_from)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        self.tracker = Tracker(cfg.logging, self.run_dir, to_dict(cfg), self.is_main)
-        self.epoch = 0
-        self._batches = None
+        self.tracker = Tracker(cfg.logging, self.run_dir, to_dict(cfg), self.is_main, resume=resume_from is not None)
 
     def apply_strategy(self, bundle: ModelBundle) -> None:
         """Freeze before the engine exists, so frozen parameters never get optimizer state."""
         summary = apply_freeze(bundle.module.clip, self.cfg.freeze)
         self.print(format_summary(summary))
 
+    def check_resume(self, resume: str) -> tuple[str, dict[str, Any]]:
+        """(tag, this rank's saved state), refusing a checkpoint this run cannot continue exactly."""
+        root, tag = resolve_checkpoint(resume, self.run_dir / "checkpoints")
+        self.checkpoints.root = root
+        state = self.checkpoints.read_train_state(tag)
+        conflicts = resume_conflicts(state["config"], to_dict(self.cfg), state["world_size"], self.world_size)
+        if conflicts:
+            raise CheckpointError(f"cannot resume {root / tag}: the run differs in " + "; ".join(conflicts)
+                                  + " (restore those settings, or start a new run with --pretrained)")
+        return tag, state
+
+    def restore(self, tag: str, state: dict[str, Any]) -> None:
+        self.checkpoints.restore(self.engine, tag, state)
+        self.epoch = state["epoch"]
+        self.data.load_state_dict(state["data"])
+        self.checkpoints.root = self.run_dir / "checkpoints"  # new saves go to this run
+        self.print(f"resumed {tag}: step {self.engine.global_steps}, epoch {self.epoch}")
+
     # -- phases -----------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
-        before = self.evaluate() if self.cfg.eval.at_start else {}
-        started, last_log = time.perf_counter(), (time.perf_counter(), self.engine.global_steps)
+        resumed = self.engine.global_steps > 0
+        before = self.evaluate() if self.cfg.eval.at_start and not resumed else {}
+        self.install_stop_handlers()
+        last_log = (time.perf_counter(), self.engine.global_steps)
         loss_sum = torch.zeros(())
         while self.engine.global_steps < self.total_steps:
             images, texts = self.next_batch()
@@ -89,17 +116,24 @@ class Trainer:
             loss_sum += loss
             if not self.engine.is_gradient_accumulation_boundary():
                 continue
+            lr = max(self.engine.get_lr())  # the lr this step uses; step() moves the schedule on
             self.engine.step()
             step = self.engine.global_steps
             if step % self.cfg.logging.log_every == 0 or step == self.total_steps:
-                last_log = self.log_progress(step, loss_sum, logit_scale, last_log, started)
+                last_log = self.log_progress(step, loss_sum, logit_scale, lr, last_log)
             loss_sum = torch.zeros(())
+            metrics = {}
             if self.cfg.eval.every_steps and step % self.cfg.eval.every_steps == 0 and step < self.total_steps:
-                self.evaluate()
-            if self.cfg.train.save_every and step % self.cfg.train.save_every == 0 and step < self.total_steps:
-                self.save()
+                metrics = self.evaluate()
+            if self.stop_agreed():
+                self.save(metrics)
+                self.print(f"stop signal: saved step {step}; resume with --resume latest")
+                return metrics
+            periodic = self.cfg.train.save_every and step % self.cfg.train.save_every == 0
+            if step < self.total_steps and (periodic or self.data.at_epoch_end()):
+                self.save(metrics)
         after = self.evaluate() if self.cfg.eval.at_end else {}
-        tag = self.save()
+        tag = self.save(after)
         if self.cfg.train.export:
             self.export(tag)
         self.report(before, after)
@@ -135,20 +169,32 @@ class Trainer:
             self.print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
 
-    def save(self) -> str:
-        client_state = {"epoch": self.epoch, "data": self.data.state_dict(), "config": to_dict(self.cfg)}
-        return save_training_checkpoint(self.engine, self.run_dir / "checkpoints", client_state)
+    def save(self, metrics: dict[str, float]) -> str:
+        state = {"epoch": self.epoch, "data": self.data.state_dict(), "config": to_dict(self.cfg)}
+        return self.checkpoints.save(self.engine, state, metrics)
 
     def export(self, tag: str) -> None:
-        dist.barrier()  # every rank's shard is on disk before rank 0 merges them
         if self.is_main:
-            weights = export_model(self.run_dir / "checkpoints", tag, self.cfg.model, self.run_dir / "export")
+            weights = export_model(self.checkpoints.root, tag, self.cfg.model, self.run_dir / "export")
             self.print(f"exported open_clip weights to {weights}")
         dist.barrier()
 
+    # -- preemption -------------------------------------------------------------------------
+    def install_stop_handlers(self) -> None:
+        def request_stop(signum, frame):
+            self.stop_requested = True
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, request_stop)
+
+    def stop_agreed(self) -> bool:
+        """All ranks stop at the same step if any rank got a stop signal (all-reduce of 1 int)."""
+        flag = torch.tensor([int(self.stop_requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     # -- reporting --------------------------------------------------------------------------
-    def log_progress(self, step: int, loss_sum: torch.Tensor, logit_scale: torch.Tensor,
-                     last_log: tuple[float, int], started: float) -> tuple[float, int]:
+    def log_progress(self, step: int, loss_sum: torch.Tensor, logit_scale: torch.Tensor, lr: float,
+                     last_log: tuple[float, int]) -> tuple[float, int]:
         loss = loss_sum / self.cfg.train.grad_accum_steps
         dist.all_reduce(loss)  # 1 float: the step's loss averaged over ranks
         loss = loss.item() / self.world_size
@@ -156,10 +202,11 @@ class Trainer:
         then, then_step = last_log
         samples = (step - then_step) * self.cfg.data.batch_size * self.cfg.train.grad_accum_steps * self.world_size
         rate = samples / max(now - then, 1e-9)
-        eta = (now - started) / step * (self.total_steps - step)
-        lr = max(self.engine.get_lr())
+        eta = (now - then) / max(1, step - then_step) * (self.total_steps - step)
+        skipped = sum(self.data.skipped().values())
         self.tracker.log(step, {"train/loss": loss, "train/lr": lr, "train/logit_scale": logit_scale.item(),
-                                "train/samples_per_s": rate, "train/epoch": self.epoch})
+                                "train/samples_per_s": rate, "train/epoch": self.epoch,
+                                "data/skipped_samples": skipped})
         self.print(f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.3g} "
                    f"logit_scale {logit_scale.item():.2f} {rate:.0f} samples/s eta {eta:.0f}s")
         return now, step
@@ -196,12 +243,14 @@ def single_process_defaults() -> None:
 def quiet_libraries() -> None:
     """DeepSpeed logs every engine detail at INFO and torch warns on each reduce-scatter call."""
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*all_gather.*deprecated.*", category=FutureWarning)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def run(cfg: RunConfig, ds_config: dict[str, Any]) -> dict[str, float]:
+def run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] = None) -> dict[str, float]:
+    import deepspeed
     quiet_libraries()
     single_process_defaults()
     configure_threads()
     deepspeed.init_distributed(verbose=False)
-    return Trainer(cfg, ds_config).train()
+    return Trainer(cfg, ds_config, resume).train()
