@@ -1,0 +1,151 @@
+"""Every shipped recipe (launch/recipes/*.yaml) is documented, validates, follows the recommended
+learning-rate table and trains 2 steps on 2 CPU ranks.
+
+The recipes name real architectures (ViT-B-16, xlm-roberta-base-ViT-B-32, ...) and pretrained
+weights, and read data from paths that exist only on a training cluster. No weights can be
+downloaded here, so the runs swap in the tiny model (`dsclip-tiny`: 2 vision layers, 1 text
+layer, 32 px, patch 8, context 16) with random weights, and synthetic data; everything else in
+the recipe (freeze strategy, layer decay, activation checkpointing, loss, schedule) runs as
+written. `tiny_overrides` is that swap, with the per-recipe part in `FIT_TO_TINY`.
+"""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dsclip.config import load_config, read_recipe
+from dsclip.freeze import FULL_WARMUP_STEPS, recommended_lr_range
+from dsclip_testutils import REPO, ds_config, launch, read_metrics
+
+RECIPE_DIR = REPO / "launch" / "recipes"
+RECIPES = sorted(p.name for p in RECIPE_DIR.glob("*.yaml"))
+
+# Same for every recipe: tiny model, synthetic data, 2 steps, nothing written but metrics.jsonl.
+COMMON_TINY = [
+    "model.name=dsclip-tiny",
+    "model.context_length=null",  # tiny's own 16 tokens
+    "data.kind=synthetic",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "train.max_steps=2",
+    "train.save_every=0",
+    "train.export=false",
+    "optim.warmup_steps=1",
+    "eval.at_start=false",
+    "eval.at_end=false",
+    "logging.log_every=1",
+    "logging.report_to=[jsonl]",
+    "logging.plots=false",
+]
+
+# What each recipe needs beyond COMMON_TINY to fit the tiny model. Tiny's towers have 4 image
+# groups (embed, block 0, block 1 + ln_post, proj) and 3 text groups (embed, block 0 + ln_final,
+# projection): unlocked counts are cut to leave the embeddings frozen. Every recipe must be listed.
+FIT_TO_TINY: dict[str, list[str]] = {
+    "conservative.yaml": ["freeze.image.unlocked_groups=3", "freeze.text.unlocked_layers=2"],
+    "from_scratch.yaml": [],
+    "frozen_image.yaml": [],
+    "frozen_text.yaml": [],
+    "high_res.yaml": ["model.image_size=64"],  # still a resize of tiny's 32 px grid (4x4 -> 8x8 patches)
+    "lit.yaml": [],
+    "medical.yaml": [],
+    "multilingual.yaml": [],  # tiny's built-in text tower replaces XLM-RoBERTa (needs the HF hub)
+    "partial.yaml": ["freeze.image.unlocked_groups=3", "freeze.text.unlocked_layers=2"],
+    "production.yaml": [],
+    "quick.yaml": ["freeze.text.unlocked_layers=2"],
+    "satellite.yaml": [],
+}
+
+FROM_SCRATCH = {"from_scratch.yaml"}  # not a fine-tune: open_clip's from-scratch lr, outside the table
+
+
+def tiny_overrides(recipe: str) -> list[str]:
+    """Overrides that run `recipe` with the tiny model and synthetic data (no weights, no data paths)."""
+    raw = read_recipe(str(RECIPE_DIR / recipe))
+    pretrained = ["model.pretrained=null"] if raw.get("model", {}).get("pretrained") else []
+    return COMMON_TINY + pretrained + FIT_TO_TINY[recipe]
+
+
+def test_every_recipe_has_a_tiny_fit_entry():
+    assert RECIPES, f"no recipes in {RECIPE_DIR}"
+    assert sorted(FIT_TO_TINY) == RECIPES
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_loads_and_validates(recipe):
+    cfg = load_config(str(RECIPE_DIR / recipe))
+    assert cfg.name == Path(recipe).stem, "outputs go to outputs/<recipe name>"
+    assert cfg.model.name != "dsclip-tiny", "recipes are for real architectures"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_is_documented_at_its_top(recipe):
+    lines = (RECIPE_DIR / recipe).read_text().splitlines()
+    header = []
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    text = "\n".join(header)
+    for part in ("Use when:", "Sets:", "Run:"):
+        assert f"# {part}" in text, f"{recipe}: header lacks a '{part}' line"
+    assert f"--recipe launch/recipes/{recipe}" in text
+
+
+@pytest.mark.parametrize("recipe", sorted(set(RECIPES) - FROM_SCRATCH))
+def test_recipe_learning_rates_follow_the_recommended_table(recipe):
+    cfg = load_config(str(RECIPE_DIR / recipe))
+    low, high = recommended_lr_range(cfg.freeze.strategy)
+    for key, lr in (("optim.lr", cfg.optim.lr), ("optim.image.lr", cfg.optim.image.lr),
+                    ("optim.text.lr", cfg.optim.text.lr)):
+        if lr is not None:
+            assert low <= lr <= high, f"{recipe}: {key}={lr:g} outside {low:g}..{high:g} for {cfg.freeze.strategy}"
+    if cfg.freeze.strategy == "full":
+        assert FULL_WARMUP_STEPS[0] <= cfg.optim.warmup_steps <= FULL_WARMUP_STEPS[1], recipe
+    assert cfg.model.pretrained, f"{recipe}: a fine-tune recipe starts from pretrained weights"
+
+
+def test_from_scratch_recipe_has_no_pretrained_weights():
+    cfg = load_config(str(RECIPE_DIR / "from_scratch.yaml"))
+    assert cfg.model.pretrained is None and cfg.freeze.strategy == "full"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_validates_with_the_tiny_overrides(recipe):
+    cfg = load_config(str(RECIPE_DIR / recipe), tiny_overrides(recipe))
+    assert cfg.model.name == "dsclip-tiny" and cfg.data.kind == "synthetic" and cfg.train.max_steps == 2
+    original = load_config(str(RECIPE_DIR / recipe))
+    # The strategy under test is the recipe's own.
+    assert cfg.freeze.strategy == original.freeze.strategy
+    assert (cfg.optim.lr, cfg.optim.image.layer_decay, cfg.optim.text.layer_decay) == (
+        original.optim.lr, original.optim.image.layer_decay, original.optim.text.layer_decay)
+
+
+def run_two_steps(recipe: str, tmp_path: Path) -> list[dict]:
+    out = tmp_path / "out"
+    args = ["--deepspeed_config", str(ds_config(3, tmp_path)), "--recipe", f"launch/recipes/{recipe}",
+            "--output-dir", str(out)]
+    for item in tiny_overrides(recipe):
+        args += ["--set", item]
+    result = launch(args, nproc=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = out / Path(recipe).stem
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["freeze"]["strategy"] == load_config(str(RECIPE_DIR / recipe)).freeze.strategy
+    return [r for r in read_metrics(run_dir) if "train/loss" in r]
+
+
+# Default run: one recipe exercising the most machinery (partial freeze, per-tower layer decay);
+# test_multinode.py runs medical.yaml on 2 ranks too. The slow test runs all of them.
+def test_representative_recipe_runs_two_steps_on_two_ranks(tmp_path):
+    records = run_two_steps("conservative.yaml", tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["train/loss"] > 0 for r in records)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_runs_two_steps_on_two_ranks(recipe, tmp_path):
+    records = run_two_steps(recipe, tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["train/loss"] > 0 for r in records)
