@@ -1,0 +1,167 @@
+"""Checkpoints: exact resume after SIGKILL / SIGTERM, interrupted saves, refusals."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dsclip.checkpoint import CheckpointError, is_complete, read_pointer, resume_conflicts
+from dsclip.config import load_config, to_dict
+from dsclip.engine import load_ds_config
+from dsclip.trainer import Trainer
+from dsclip_testutils import REPO, ds_config, free_port, init_single_rank, launch, read_metrics
+
+# 2 ranks x 8 per rank, 80 samples: 5 steps per epoch, so interruptions land mid-epoch.
+RUN = ["--set", "train.max_steps=30", "--set", "optim.warmup_steps=3", "--set", "logging.log_every=1",
+       "--set", "data.batch_size=8", "--set", "data.synthetic.train_samples=80", "--set", "train.save_every=4",
+       "--set", "eval.at_start=false", "--set", "eval.at_end=false", "--set", "train.export=false"]
+
+
+def losses_by_step(run_dir) -> dict[int, float]:
+    """Per-step loss; a step logged twice (before a kill and after the resume) keeps its last value."""
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def start_launcher(out, tmp_path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           str(REPO / "dsclip" / "train.py"), "--deepspeed_config", str(ds_config(3, tmp_path)),
+           "--output-dir", str(out), *RUN, *extra]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("straight")
+    result = launch(["--deepspeed_config", str(ds_config(3, tmp_path)), "--output-dir", str(tmp_path), *RUN])
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = losses_by_step(tmp_path / "default")
+    assert sorted(losses) == list(range(1, 31))
+    return losses
+
+
+def assert_resume_matches(straight: dict[int, float], run_dir, resumed_from: int) -> None:
+    resumed = losses_by_step(run_dir)
+    assert 0 < resumed_from < 30
+    for step in range(resumed_from + 1, 31):
+        assert abs(resumed[step] - straight[step]) <= 1e-6, (step, resumed[step], straight[step])
+
+
+def test_resume_after_sigkill_mid_epoch_reproduces_losses(straight_run, tmp_path):
+    out = tmp_path / "killed"
+    proc = start_launcher(out, tmp_path)
+    checkpoint = out / "default" / "checkpoints" / "step-12"
+    wait_for(lambda: is_complete(checkpoint), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed_from = int(read_pointer(out / "default" / "checkpoints" / "latest").split("-")[1])
+    result = launch(["--deepspeed_config", str(ds_config(3, tmp_path)), "--output-dir", str(out), *RUN,
+                     "--resume", "latest"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed step-{resumed_from}" in result.stdout
+    assert_resume_matches(straight_run, out / "default", resumed_from)
+
+
+def test_sigterm_finishes_the_step_saves_and_resume_continues(straight_run, tmp_path):
+    out = tmp_path / "preempted"
+    proc = start_launcher(out, tmp_path)
+    wait_for(lambda: (out / "default" / "metrics.jsonl").is_file()
+             and max(losses_by_step(out / "default"), default=0) >= 7, proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # as SLURM does: every process of the job gets it
+    output, _ = proc.communicate(timeout=120)
+    assert "stop signal: saved step" in output, output[-3000:]
+    stopped_at = int(read_pointer(out / "default" / "checkpoints" / "latest").split("-")[1])
+    assert stopped_at < 30
+    result = launch(["--deepspeed_config", str(ds_config(3, tmp_path)), "--output-dir", str(out), *RUN,
+                     "--resume", "latest"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_resume_matches(straight_run, out / "default", stopped_at)
+
+
+def test_sigterm_exits_zero_after_saving(tmp_path):
+    proc = subprocess.Popen([sys.executable, str(REPO / "dsclip" / "train.py"), "--deepspeed_config",
+                             str(ds_config(3, tmp_path)), "--output-dir", str(tmp_path), *RUN,
+                             "--set", "train.max_steps=100000"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: (tmp_path / "default" / "metrics.jsonl").is_file(), proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    assert is_complete(tmp_path / "default" / "checkpoints" / read_pointer(tmp_path / "default" / "checkpoints" / "latest"))
+
+
+def tiny_trainer(tmp_path, *overrides: str, resume=None) -> Trainer:
+    init_single_rank()
+    cfg = load_config(None, ["train.max_steps=4", "optim.warmup_steps=1", "data.batch_size=8", "train.save_every=2",
+                             "eval.at_start=false", "eval.at_end=false", "train.export=false",
+                             f"output_dir={tmp_path}", *overrides])
+    return Trainer(cfg, load_ds_config(str(ds_config(3, tmp_path))), resume=resume)
+
+
+def test_a_save_that_fails_half_way_leaves_latest_on_the_previous_checkpoint(tmp_path, monkeypatch):
+    trainer = tiny_trainer(tmp_path)
+    original = trainer.engine.save_checkpoint
+
+    def crash_at_step_4(save_dir, tag=None, **kwargs):
+        if tag == "step-4":
+            (tmp_path / "default" / "checkpoints" / tag).mkdir(parents=True)
+            (tmp_path / "default" / "checkpoints" / tag / "half_written.pt").write_bytes(b"\0" * 100)
+            raise OSError("disk full")
+        return original(save_dir, tag=tag, **kwargs)
+
+    monkeypatch.setattr(trainer.engine, "save_checkpoint", crash_at_step_4)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    checkpoints = tmp_path / "default" / "checkpoints"
+    assert read_pointer(checkpoints / "latest") == "step-2"
+    assert not is_complete(checkpoints / "step-4")
+    with pytest.raises(CheckpointError, match="step-4 is incomplete"):
+        tiny_trainer(tmp_path, resume=str(checkpoints / "step-4"))
+    resumed = tiny_trainer(tmp_path, resume="latest")
+    assert resumed.engine.global_steps == 2
+
+
+def test_resume_refuses_what_changes_the_computation_and_accepts_logging_changes(tmp_path):
+    tiny_trainer(tmp_path).train()
+    with pytest.raises(CheckpointError, match=r"differs in model.image_size: None -> 48"):
+        tiny_trainer(tmp_path, "model.image_size=48", resume="latest")
+    resumed = tiny_trainer(tmp_path, "logging.log_every=1", "eval.every_steps=1", resume="latest")
+    assert resumed.engine.global_steps == 4
+
+
+def test_resume_conflicts_name_fields_and_world_size():
+    saved = to_dict(load_config(None, []))
+    current = to_dict(load_config(None, ["freeze.strategy=lit", "logging.log_every=3"]))
+    conflicts = resume_conflicts(saved, current, saved_world=2, world=4)
+    assert conflicts[0] == "freeze.strategy: 'full' -> 'lit'"
+    assert conflicts[1].startswith("world size: 2 -> 4")
+    assert len(conflicts) == 2
+
+
+def test_resume_latest_without_checkpoints_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no complete checkpoint in .*nothing to resume"):
+        tiny_trainer(tmp_path, resume="latest")
+
+
+def test_keep_last_prunes_old_checkpoints_but_keeps_the_best(tmp_path):
+    trainer = tiny_trainer(tmp_path, "train.max_steps=8", "train.keep_last=1", "eval.every_steps=2",
+                           "train.best_metric=eval/synthetic/top1", "eval.zeroshot.batch_size=64",
+                           "data.synthetic.eval_samples=64")
+    trainer.train()
+    checkpoints = tmp_path / "default" / "checkpoints"
+    kept = sorted(p.name for p in checkpoints.glob("step-*"))
+    best = read_pointer(checkpoints / "best")
+    assert read_pointer(checkpoints / "latest") == "step-8"
+    assert set(kept) == {"step-8", best}
+    assert torch.load(checkpoints / "step-8" / "rank-0.pt", weights_only=False)["config"]["train"]["keep_last"] == 1
