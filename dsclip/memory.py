@@ -55,12 +55,17 @@ def state_bytes(engine) -> dict[str, int]:
         if p.numel() > 0:
             params += _bytes(p)
             param_storages.add(p.untyped_storage().data_ptr())
-    # ZeRO wrappers keep the torch optimizer, which steps the master partitions, in `.optimizer`.
-    inner = engine.optimizer.optimizer if stage > 0 else engine.optimizer
-    stepped = _optimizer_params(inner)
-    master = sum(_bytes(p) for p in stepped if p.untyped_storage().data_ptr() not in param_storages)
+    # ZeRO wrappers keep the torch optimizer in `.optimizer` and its master partitions in their own
+    # lists (ZeRO-3 puts them into the torch optimizer's param_groups only during step()).
+    if stage == 0:
+        inner, masters = engine.optimizer, _optimizer_params(engine.optimizer)
+    elif stage == 3:
+        inner, masters = engine.optimizer.optimizer, engine.optimizer.fp32_partitioned_groups_flat
+    else:
+        inner, masters = engine.optimizer.optimizer, engine.optimizer.single_partition_of_fp32_groups
+    master = sum(_bytes(p) for p in masters if p.untyped_storage().data_ptr() not in param_storages)
     if stage >= 2:
-        grads = sum(p.numel() for p in stepped) * 4  # fp32 gradient partition of the master weights
+        grads = sum(p.numel() for p in masters) * 4  # fp32 gradient partition of the master weights
     else:
         grads = sum(_bytes(p) for p in engine.module.parameters() if p.requires_grad)
     return {"params": params, "grads": grads, "optimizer": master + _state_tensor_bytes(inner)}

@@ -7,6 +7,7 @@ dsclip export), a Hugging Face hub style folder (open_clip_config.json + weights
 """
 import logging
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -114,7 +115,11 @@ def check_architecture(folder_cfg: dict, model_name: str, where: str) -> None:
 
 
 def read_file(path: Path, trust: bool) -> dict[str, torch.Tensor]:
-    """Weights only: safetensors, or torch.load(weights_only=True) unless the user trusts the file."""
+    """Weights only: safetensors, TorchScript archives (OpenAI's CLIP releases; TorchScript's loader
+    builds only tensors and TorchScript types), or torch.load(weights_only=True) unless trusted."""
+    if is_torchscript(path):
+        state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
+        return {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
     try:
         return open_clip_read_weights(str(path), weights_only=not trust)
     except pickle.UnpicklingError:
@@ -123,6 +128,13 @@ def read_file(path: Path, trust: bool) -> dict[str, torch.Tensor]:
             "If you trust its origin, pass --trust-checkpoint (recipe: model.trust_checkpoint: true)") from None
     except (RuntimeError, OSError, ValueError) as e:
         raise PretrainedError(f"cannot read weights from {path}: {str(e).splitlines()[0]}") from None
+
+
+def is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
 
 
 def load_into(clip: nn.Module, state_dict: dict[str, torch.Tensor], source: str):

@@ -165,3 +165,19 @@ def test_keep_last_prunes_old_checkpoints_but_keeps_the_best(tmp_path):
     assert read_pointer(checkpoints / "latest") == "step-8"
     assert set(kept) == {"step-8", best}
     assert torch.load(checkpoints / "step-8" / "rank-0.pt", weights_only=False)["config"]["train"]["keep_last"] == 1
+
+
+def test_export_command_writes_safetensors_in_the_chosen_dtype(tmp_path):
+    tiny_trainer(tmp_path).train()
+    out = tmp_path / "exported" / "model.safetensors"
+    result = subprocess.run([sys.executable, "-m", "dsclip.cli", "export", str(tmp_path / "default"), "--out", str(out),
+                             "--dtype", "bf16", "--safetensors"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from safetensors.torch import load_file
+    weights = load_file(str(out))
+    assert weights["visual.conv1.weight"].dtype == torch.bfloat16
+    assert out.with_suffix(".json").is_file()
+    missing = subprocess.run([sys.executable, "-m", "dsclip.cli", "export", str(tmp_path / "nope")], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2
+    assert "dsclip: error: checkpoint" in missing.stderr and "not found" in missing.stderr

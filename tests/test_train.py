@@ -1,4 +1,5 @@
 """End-to-end training through the real entry point and the engine (CPU, gloo)."""
+import json
 import subprocess
 import sys
 
@@ -45,24 +46,28 @@ def test_zero2_and_zero3_give_the_same_losses(tmp_path):
     assert losses[2] == pytest.approx(losses[3], abs=1e-4)
 
 
-def tiny_trainer(tmp_path, *overrides: str) -> Trainer:
+def tiny_trainer(tmp_path, stage: int, *overrides: str) -> Trainer:
     init_single_rank()
     cfg = load_config(None, ["train.max_steps=3", "optim.warmup_steps=1", "data.batch_size=8",
                              "eval.at_start=false", "eval.at_end=false", f"output_dir={tmp_path}", *overrides])
-    return Trainer(cfg, load_ds_config(str(ds_config(3, tmp_path))))
+    return Trainer(cfg, load_ds_config(str(ds_config(stage, tmp_path))))
 
 
-def test_export_loads_in_plain_open_clip_with_the_engines_embeddings(tmp_path):
-    trainer = tiny_trainer(tmp_path)
+@pytest.mark.parametrize("stage, overrides", [(3, []), (2, []), (3, ["model.image_size=48"])],
+                         ids=["zero3", "zero2", "zero3-image-size-48"])
+def test_export_loads_in_plain_open_clip_with_the_engines_embeddings(tmp_path, stage, overrides):
+    trainer = tiny_trainer(tmp_path, stage, *overrides)
     trainer.train()
     images, texts = next(iter(trainer.data.loader))
     trainer.engine.eval()
     with torch.no_grad():
         engine_images, engine_texts, _, _ = trainer.engine(images=images, texts=texts)
     export_dir = tmp_path / "default" / "export"
-    for name, pretrained in (("dsclip-tiny", str(export_dir / "open_clip_pytorch_model.bin")),
-                             (f"local-dir:{export_dir}", None)):
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+    size = images.shape[-1]
+    for name, pretrained, force_size in (("dsclip-tiny", str(export_dir / "open_clip_pytorch_model.bin"), size),
+                                         (f"local-dir:{export_dir}", None, None)):  # its config carries the size
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained,
+                                                                     force_image_size=force_size)
         model.eval()
         with torch.no_grad():
             plain_images = model.encode_image(images, normalize=True)
@@ -71,6 +76,8 @@ def test_export_loads_in_plain_open_clip_with_the_engines_embeddings(tmp_path):
         assert (plain_texts - engine_texts).abs().max() <= 1e-5
     trained = torch.load(export_dir / "open_clip_pytorch_model.bin", weights_only=True)
     assert trained["logit_scale"].shape == ()
+    exported = json.loads((export_dir / "open_clip_config.json").read_text())
+    assert exported["model_cfg"]["vision_cfg"]["image_size"] == size
 
 
 def loss_and_grads(tmp_path, **model_flags) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
