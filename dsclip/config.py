@@ -210,8 +210,13 @@ def _reference_rows(cls: type, prefix: str):
     comments = _field_comments(cls)
     defaults = cls()
     for f in dataclasses.fields(cls):
+        item = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is list else None
         if dataclasses.is_dataclass(hints[f.name]):
             yield from _reference_rows(hints[f.name], f"{prefix}{f.name}.")
+        elif dataclasses.is_dataclass(item):  # a list of sections: document the default, then each item's keys
+            count = len(getattr(defaults, f.name))
+            yield f"{prefix}{f.name}", f"{count} x {{...}}" if count else [], comments.get(f.name, "") + " (a list)"
+            yield from _reference_rows(item, f"{prefix}{f.name}[].")
         else:
             yield f"{prefix}{f.name}", getattr(defaults, f.name), comments.get(f.name, "")
 

@@ -11,9 +11,6 @@ from dsclip.model import ModelBundle
 from dsclip.tabular import CsvConfig, CsvDataset, FolderConfig, FolderDataset
 from dsclip.webdata import WebDataConfig, WebLoader, build_webdataset_loader
 
-EVAL_SEED_OFFSET = 1_000_003  # held-out synthetic images come from a seed range training never uses
-
-
 @dataclass
 class DataConfig:
     kind: Literal["synthetic", "webdataset", "csv", "folder"] = "synthetic"  # synthetic | webdataset | csv | folder: where training pairs come from
@@ -46,20 +43,6 @@ class SyntheticCaptions(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, caption, _ = synthetic.render_sample(self.seed, index, self.cfg.num_classes, self.render_size)
         return self.transform(image), self.tokenizer([caption])[0]
-
-
-class SyntheticLabelled(Dataset):
-    """(image tensor, class label) from the held-out seed range, for zero-shot evaluation."""
-
-    def __init__(self, cfg: SyntheticConfig, seed: int, transform: Callable, render_size: int):
-        self.cfg, self.seed, self.transform, self.render_size = cfg, seed + EVAL_SEED_OFFSET, transform, render_size
-
-    def __len__(self) -> int:
-        return self.cfg.eval_samples
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, _, label = synthetic.render_sample(self.seed, index, self.cfg.num_classes, self.render_size)
-        return self.transform(image), label
 
 
 class EpochSampler(Sampler[int]):

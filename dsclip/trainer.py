@@ -10,12 +10,11 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from dsclip import synthetic
 from dsclip.checkpoint import CheckpointError, CheckpointManager, export_model, resolve_checkpoint, resume_conflicts
 from dsclip.config import RunConfig, to_dict
-from dsclip.data import SyntheticLabelled, build_train_data
+from dsclip.data import build_train_data
 from dsclip.engine import build_engine, precision, resolve_ds_config, resolve_precision
-from dsclip.evaluation import ZeroShotEval
+from dsclip.evaluation import build_evals, forgetting_report, run_evals
 from dsclip.freeze import apply_freeze, format_summary
 from dsclip.loss import build_loss
 from dsclip.model import ModelBundle, build_model
@@ -40,16 +39,6 @@ def recipe_values(cfg: RunConfig, world_size: int) -> dict[str, tuple[Any, str]]
     }
 
 
-def build_evals(cfg: RunConfig, bundle: ModelBundle) -> list[ZeroShotEval]:
-    if cfg.eval.zeroshot.source == "none":
-        return []
-    dataset = SyntheticLabelled(cfg.data.synthetic, cfg.seed, bundle.eval_transform,
-                                render_size=2 * max(bundle.image_size))
-    names = synthetic.class_names(cfg.data.synthetic.num_classes)
-    return [ZeroShotEval("synthetic", dataset, names, cfg.eval.zeroshot.templates, bundle.tokenizer,
-                         cfg.eval.zeroshot.batch_size)]
-
-
 class Trainer:
     """Owns the engine, data, evaluations, checkpoints and metrics of one run."""
 
@@ -71,7 +60,7 @@ class Trainer:
         self.input_dtype = precision(resolved)
         self.engine = build_engine(bundle.module, resolved, cfg.optim, self.total_steps)
         self.loss_fn = build_loss(cfg.loss)
-        self.evals = build_evals(cfg, bundle)
+        self.evals = build_evals(cfg.eval, bundle, cfg.data.synthetic, cfg.seed, self.loss_fn)
         self.epoch, self._batches, self.stop_requested = 0, None, False
         if resume_from is not None:
             self.restore(*resume_from)
@@ -161,9 +150,7 @@ class Trainer:
         return loss.detach().cpu(), logit_scale.detach().cpu()
 
     def evaluate(self) -> dict[str, float]:
-        metrics = {}
-        for evaluation in self.evals:
-            metrics.update(evaluation.run(self.engine))
+        metrics = run_evals(self.evals, self.engine, self.engine.device, self.input_dtype)
         if metrics:
             self.tracker.log(self.engine.global_steps, metrics)
             self.print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -212,9 +199,18 @@ class Trainer:
         return now, step
 
     def report(self, before: dict[str, float], after: dict[str, float]) -> None:
+        """Headline zero-shot numbers, and the forgetting table when the run evaluated at both ends."""
         for key in after:
-            if key in before:
-                self.print(f"{key}: {before[key]:.4f} before -> {after[key]:.4f} after")
+            if key in before and key.endswith("/top1"):
+                self.print(f"{key}: {before[key]:.2f}% before -> {after[key]:.2f}% after")
+        if before and after:
+            table, warnings = forgetting_report(self.cfg.eval.forgetting, before, after)
+            self.print("before / after fine-tuning (general evals: "
+                       f"{', '.join(self.cfg.eval.forgetting.general) or 'none named'})\n" + table)
+            if self.is_main:
+                (self.run_dir / "forgetting.md").write_text(table + "\n")
+            for warning in warnings:
+                self.print(f"WARNING: {warning}")
 
     def print(self, message: str) -> None:
         if self.is_main:

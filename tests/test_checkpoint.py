@@ -156,7 +156,7 @@ def test_resume_latest_without_checkpoints_is_a_clear_error(tmp_path):
 
 def test_keep_last_prunes_old_checkpoints_but_keeps_the_best(tmp_path):
     trainer = tiny_trainer(tmp_path, "train.max_steps=8", "train.keep_last=1", "eval.every_steps=2",
-                           "train.best_metric=eval/synthetic/top1", "eval.zeroshot.batch_size=64",
+                           "train.best_metric=eval/synthetic/top1", "eval.batch_size=64",
                            "data.synthetic.eval_samples=64")
     trainer.train()
     checkpoints = tmp_path / "default" / "checkpoints"
