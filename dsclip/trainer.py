@@ -15,7 +15,7 @@ from dsclip.config import RunConfig, to_dict
 from dsclip.data import build_train_data
 from dsclip.engine import build_engine, precision, resolve_ds_config, resolve_precision
 from dsclip.evaluation import build_evals, forgetting_report, run_evals
-from dsclip.freeze import apply_freeze, format_summary
+from dsclip.freeze import apply_freeze, check_lr, format_summary
 from dsclip.loss import build_loss
 from dsclip.model import ModelBundle, build_model
 from dsclip.tracking import Tracker
@@ -73,6 +73,9 @@ class Trainer:
         """Freeze before the engine exists, so frozen parameters never get optimizer state."""
         summary = apply_freeze(bundle.module.clip, self.cfg.freeze)
         self.print(format_summary(summary))
+        warning = check_lr(self.cfg.freeze.strategy, self.cfg.optim.lr) if self.cfg.model.pretrained else None
+        if warning:  # from random weights a high lr is right; it only wrecks pretrained features
+            self.print(f"WARNING: {warning}")
 
     def check_resume(self, resume: str) -> tuple[str, dict[str, Any]]:
         """(tag, this rank's saved state), refusing a checkpoint this run cannot continue exactly."""
