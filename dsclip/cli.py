@@ -116,8 +116,14 @@ def _make_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_main(argv: list[str]) -> int:
+    from dsclip.eval_run import eval_main as run_eval_command
+    return run_eval_command(argv)
+
+
 COMMANDS = {
     "train": train_main,
+    "eval": eval_main,
     "export": export_main,
     "make-shards": make_shards_main,
 }
@@ -128,6 +134,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: dsclip {{{','.join(COMMANDS)}}} ...\n"
               "  train        fine-tune in this process (multi-rank: deepspeed dsclip/train.py ...)\n"
+              "  eval         zero-shot / retrieval evaluation of a model (also under torchrun, ZeRO-3)\n"
               "  export       merge a DeepSpeed checkpoint into an open_clip model folder\n"
               "  make-shards  write WebDataset shards from a CSV, image folder, fashion-mnist or openclipart",
               file=sys.stderr)

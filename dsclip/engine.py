@@ -211,3 +211,13 @@ def build_engine(module: nn.Module, ds: dict[str, Any], optim: OptimConfig, tota
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
                                            config=engine_config)
     return engine
+
+
+def build_inference_engine(module: nn.Module, ds: dict[str, Any]):
+    """A DeepSpeed engine without optimizer, for evaluation: ZeRO-3 still shards the weights."""
+    import deepspeed
+
+    engine_config = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
+    engine, _, _, _ = deepspeed.initialize(model=module, config=engine_config)
+    engine.eval()
+    return engine

@@ -37,13 +37,21 @@ def ds_config(stage: int, tmp_path: Path) -> Path:
     return path
 
 
+DIST_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment without the in-process test world's rendezvous, so a child starts its own."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARIABLES}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
 def launch(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run dsclip/train.py under the DeepSpeed launcher with `nproc` CPU ranks."""
     port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
            "--master_port", str(port), str(REPO / "dsclip" / "train.py"), *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -12,7 +12,7 @@ from dsclip.checkpoint import CheckpointError, is_complete, read_pointer, resume
 from dsclip.config import load_config, to_dict
 from dsclip.engine import load_ds_config
 from dsclip.trainer import Trainer
-from dsclip_testutils import REPO, ds_config, free_port, init_single_rank, launch, read_metrics
+from dsclip_testutils import REPO, ds_config, free_port, init_single_rank, launch, read_metrics, subprocess_env
 
 # 2 ranks x 8 per rank, 80 samples: 5 steps per epoch, so interruptions land mid-epoch.
 RUN = ["--set", "train.max_steps=30", "--set", "optim.warmup_steps=3", "--set", "logging.log_every=1",
@@ -30,7 +30,7 @@ def start_launcher(out, tmp_path, *extra: str) -> subprocess.Popen:
            str(REPO / "dsclip" / "train.py"), "--deepspeed_config", str(ds_config(3, tmp_path)),
            "--output-dir", str(out), *RUN, *extra]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=subprocess_env())
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -93,7 +93,8 @@ def test_sigterm_exits_zero_after_saving(tmp_path):
     proc = subprocess.Popen([sys.executable, str(REPO / "dsclip" / "train.py"), "--deepspeed_config",
                              str(ds_config(3, tmp_path)), "--output-dir", str(tmp_path), *RUN,
                              "--set", "train.max_steps=100000"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=subprocess_env())
     wait_for(lambda: (tmp_path / "default" / "metrics.jsonl").is_file(), proc)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
@@ -171,13 +172,14 @@ def test_export_command_writes_safetensors_in_the_chosen_dtype(tmp_path):
     tiny_trainer(tmp_path).train()
     out = tmp_path / "exported" / "model.safetensors"
     result = subprocess.run([sys.executable, "-m", "dsclip.cli", "export", str(tmp_path / "default"), "--out", str(out),
-                             "--dtype", "bf16", "--safetensors"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                             "--dtype", "bf16", "--safetensors"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=subprocess_env())
     assert result.returncode == 0, result.stderr[-2000:]
     from safetensors.torch import load_file
     weights = load_file(str(out))
     assert weights["visual.conv1.weight"].dtype == torch.bfloat16
     assert out.with_suffix(".json").is_file()
     missing = subprocess.run([sys.executable, "-m", "dsclip.cli", "export", str(tmp_path / "nope")], cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert missing.returncode == 2
     assert "dsclip: error: checkpoint" in missing.stderr and "not found" in missing.stderr

@@ -101,15 +101,16 @@ def test_multinode_sh_fails_clearly_without_a_hostfile(tmp_path):
 
 @pytest.mark.slow
 def test_multinode_sh_over_ssh_propagates_the_environment(single_node_losses, tmp_path):
-    """The pdsh path: a stand-in pdsh runs each node's command in an empty environment, as ssh
-    would; only what .deepspeed_env and the launcher export reaches the ranks."""
+    """The pdsh path: a stand-in pdsh runs each node's command in a fresh environment holding only
+    HOME and PATH, as an ssh login would; only what .deepspeed_env and the launcher export reach
+    the ranks."""
     fakes = tmp_path / "bin"
     fake_command(fakes, "ssh", "exit 0\n")  # the launcher's reachability check
     fake_command(fakes, "pdsh", (
         'while [[ $1 == -* ]]; do case $1 in -w) hosts=$2; shift 2;; -f) shift 2;; *) shift;; esac; done\n'
         'printf "%s\\n" "$*" > "$PDSH_LOG"\n'
         'IFS=, read -ra nodes <<< "$hosts"; pids=()\n'
-        'for i in "${!nodes[@]}"; do env -i HOME="$HOME" PATH=/usr/bin:/bin bash -c "${*//%n/$i}" & pids+=($!); done\n'
+        'for i in "${!nodes[@]}"; do env -i HOME="$HOME" PATH="$PATH" bash -c "${*//%n/$i}" & pids+=($!); done\n'
         'rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done; exit $rc\n'))
     out = tmp_path / "out"
     env = script_env(tmp_path, HOSTFILE=str(two_node_hostfile(tmp_path)), PDSH_LOG=str(tmp_path / "pdsh.log"),

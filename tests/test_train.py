@@ -13,7 +13,7 @@ from dsclip.engine import load_ds_config, resolve_ds_config, resolve_precision, 
 from dsclip.loss import LossConfig, build_loss
 from dsclip.model import ModelConfig, build_model
 from dsclip.trainer import Trainer, recipe_values
-from dsclip_testutils import REPO, ds_config, init_single_rank, launch, read_metrics
+from dsclip_testutils import REPO, ds_config, init_single_rank, launch, read_metrics, subprocess_env
 
 
 def test_default_run_on_two_ranks_learns_the_synthetic_task(tmp_path):
@@ -109,7 +109,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients_under_zero3(
 
 def run_entry_point(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "dsclip" / "train.py"), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=subprocess_env())
 
 
 @pytest.mark.parametrize("args, message", [

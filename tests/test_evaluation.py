@@ -1,0 +1,85 @@
+"""Evaluation: dsclip's zero-shot numbers equal plain open_clip's; logging sinks and the forgetting table."""
+import json
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+
+from dsclip.config import load_config
+from dsclip.engine import load_ds_config
+from dsclip.evaluation import SyntheticLabelled, ZeroShotTask
+from dsclip.synthetic import SyntheticConfig
+from dsclip.trainer import Trainer
+from dsclip_testutils import REPO, ds_config, free_port, init_single_rank, read_metrics, subprocess_env
+
+
+@pytest.fixture(scope="module")
+def trained_weights(tmp_path_factory):
+    """Weights of a briefly trained tiny CLIP (above chance, far from perfect: a sensitive comparison)."""
+    tmp_path = tmp_path_factory.mktemp("weights")
+    init_single_rank()
+    cfg = load_config(None, ["train.max_steps=30", "optim.warmup_steps=5", "data.batch_size=32",
+                             "eval.at_start=false", "eval.at_end=false", f"output_dir={tmp_path}"])
+    Trainer(cfg, load_ds_config(str(ds_config(3, tmp_path)))).train()
+    return tmp_path / "default" / "export"
+
+
+def plain_open_clip_top1(export_dir, num_samples: int) -> float:
+    """Encode, normalise, average prompts, argmax: with nothing from dsclip but the image set."""
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{export_dir}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{export_dir}")
+    model.eval()
+    task = ZeroShotTask()
+    dataset = SyntheticLabelled(SyntheticConfig(eval_samples=num_samples), seed=0, transform=preprocess,
+                                render_size=64)
+    with torch.no_grad():
+        prompts = [[t.replace("{}", c) for t in task.templates] for c in dataset.class_names]
+        text = model.encode_text(tokenizer([p for ps in prompts for p in ps]), normalize=True)
+        classes = torch.nn.functional.normalize(text.view(len(prompts), len(task.templates), -1).mean(1), dim=-1)
+        images = torch.stack([dataset[i][0] for i in range(num_samples)])
+        labels = torch.tensor([dataset[i][1] for i in range(num_samples)])
+        predicted = (model.encode_image(images, normalize=True) @ classes.T).argmax(dim=1)
+    return 100 * (predicted == labels).double().mean().item()
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_zeroshot_accuracy_equals_plain_open_clip(trained_weights, tmp_path, ranks):
+    out = tmp_path / "metrics.json"
+    args = ["eval", "--pretrained", str(trained_weights), "--zeroshot", "synthetic", "--out", str(out),
+            "--deepspeed_config", str(ds_config(3, tmp_path)), "--set", "data.synthetic.eval_samples=300"]
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "dsclip.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "dsclip.cli", *args]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=subprocess_env(OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    dsclip_top1 = json.loads(out.read_text())["eval/synthetic/top1"]
+    expected = plain_open_clip_top1(trained_weights, 300)
+    assert 15 < expected < 95, "a mid-range accuracy makes the comparison meaningful"
+    assert dsclip_top1 == pytest.approx(expected, abs=1e-9)
+
+
+def test_run_with_periodic_eval_writes_every_sink_and_the_forgetting_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    init_single_rank()
+    cfg = load_config(None, [
+        "train.max_steps=6", "optim.warmup_steps=1", "data.batch_size=16", "eval.every_steps=2",
+        "logging.log_every=2", "logging.report_to=[jsonl, tensorboard, wandb]", f"output_dir={tmp_path}",
+        "eval.batch_size=64", "data.synthetic.eval_samples=64",
+        "eval.zeroshot=[{name: shapes}, {name: fashion, source: fashion-mnist, max_samples: 64}]",
+        "eval.retrieval=[{name: pairs, source: synthetic, max_samples: 64}]", "eval.forgetting.general=[fashion]"])
+    Trainer(cfg, load_ds_config(str(ds_config(3, tmp_path)))).train()
+    run_dir = tmp_path / "default"
+    evals = [r for r in read_metrics(run_dir) if "eval/shapes/top1" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4, 6]
+    assert {"eval/fashion/top5", "eval/pairs/image_to_text_R@1", "eval/pairs/loss"} <= set(evals[-1])
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run_dir / "wandb").rglob("*.wandb"))
+    plots = {p.name for p in (run_dir / "plots").glob("*.png")}
+    assert {"train_loss.png", "train_lr.png", "train_logit_scale.png", "eval_shapes_top1.png"} <= plots
+    table = (run_dir / "forgetting.md").read_text()
+    assert "| eval/fashion/top1 (general) |" in table and "| eval/shapes/top1 |" in table
