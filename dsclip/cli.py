@@ -11,12 +11,19 @@ from dsclip.engine import DeepSpeedConfigError, load_ds_config
 from dsclip.pretrained import PretrainedError
 
 DEFAULT_DS_CONFIG = "ds_configs/zero3.json"
+REPO_DS_CONFIG = Path(__file__).resolve().parents[1] / DEFAULT_DS_CONFIG
+
+
+def default_ds_config() -> str:
+    """ds_configs/zero3.json of the working directory, else the checkout dsclip runs from."""
+    return DEFAULT_DS_CONFIG if Path(DEFAULT_DS_CONFIG).is_file() or not REPO_DS_CONFIG.is_file() \
+        else str(REPO_DS_CONFIG)
 
 
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsclip train", description="Fine-tune a CLIP model with DeepSpeed.")
     parser.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
-                        default=DEFAULT_DS_CONFIG, help="DeepSpeed engine config (JSON; 'auto' fields come from "
+                        default=default_ds_config(), help="DeepSpeed engine config (JSON; 'auto' fields come from "
                         f"the recipe); default {DEFAULT_DS_CONFIG}")
     parser.add_argument("--recipe", help="run recipe (YAML); default: the embedded synthetic-shapes run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -102,14 +109,17 @@ def make_shards_main(argv: list[str]) -> int:
     parser.add_argument("--format", choices=["jpg", "png"], default="jpg", help="image encoding in the shards")
     parser.add_argument("--image-column", default="filepath", help="CSV column with image paths")
     parser.add_argument("--caption-column", default="title", help="CSV column with captions")
+    parser.add_argument("--limit", type=int, default=0, help="write only the first N samples (0 = all)")
     args = parser.parse_args(argv)
     return guarded(lambda: _make_shards(args))
 
 
 def _make_shards(args: argparse.Namespace) -> int:
-    from dsclip.shards import open_source, write_shards
+    from dsclip.shards import FirstSamples, open_source, write_shards
     source = open_source(args.src, split=args.split, image_column=args.image_column,
                          caption_column=args.caption_column)
+    if args.limit:
+        source = FirstSamples(source, args.limit)
     manifest = write_shards(source, args.out, per_shard=args.per_shard, image_size=args.image_size,
                             image_format=args.format)
     print(f"wrote {len(manifest['shards'])} shards, {manifest['total']} samples, to {args.out}")

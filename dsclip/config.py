@@ -127,7 +127,12 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({e.problem}); quote strings "
+                          "that hold braces, colons or brackets, e.g. --set 'data.webdataset.urls=[\"/d/{0..9}.tar\"]'"
+                          ) from None
 
 
 def from_dict(cls: type, raw: Any, path: str) -> Any:

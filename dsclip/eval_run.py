@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from dsclip.cli import default_ds_config, guarded  # cli imports this module lazily: no cycle
 from dsclip.config import load_config
 
 
@@ -18,7 +19,8 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retrieval", action="append", default=[], metavar="SOURCE:PATH",
                         help="retrieval set: csv:FILE or webdataset:PATTERN (repeatable)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--deepspeed_config", "--deepspeed-config", default="ds_configs/zero3.json")
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", default=default_ds_config(),
+                        help="DeepSpeed config; ZeRO-3 shards the weights over the ranks")
     parser.add_argument("--out", type=Path, help="write the metrics as JSON here")
     parser.add_argument("--trust-checkpoint", action="store_true")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
@@ -38,7 +40,6 @@ def task_overrides(kind: str, specs: list[str]) -> list[str]:
 
 
 def eval_main(argv: list[str]) -> int:
-    from dsclip.cli import guarded
     args = eval_parser().parse_args(argv)
     overrides = list(args.overrides) + task_overrides("zeroshot", args.zeroshot) + \
         task_overrides("retrieval", args.retrieval)

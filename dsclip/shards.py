@@ -152,6 +152,20 @@ class OpenclipartSource:
         return Sample(image, caption, {"label": label, "class_name": self.class_names[label], "path": path})
 
 
+class FirstSamples:
+    """The first `limit` samples of a source (a quick subset to try a pipeline on)."""
+
+    def __init__(self, source: Source, limit: int):
+        self.source, self.limit = source, min(limit, len(source))
+        self.name, self.class_names = f"{source.name}[:{self.limit}]", source.class_names
+
+    def __len__(self) -> int:
+        return self.limit
+
+    def load(self, index: int) -> Optional[Sample]:
+        return self.source.load(index)
+
+
 def open_source(src: str, *, split: Literal["train", "test"] = "train", templates: Optional[list[str]] = None,
                 image_column: str = "filepath", caption_column: str = "title") -> Source:
     """SRC: a .csv/.tsv file, 'fashion-mnist' (or its idx folder), 'openclipart' (or its png folder), or an image

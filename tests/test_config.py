@@ -84,3 +84,10 @@ def test_readme_recipe_reference_is_current():
     from dsclip.config import recipe_reference
     from dsclip_testutils import REPO
     assert recipe_reference() in (REPO / "README.md").read_text(), "regenerate with: python -m dsclip.config"
+
+
+def test_override_value_that_is_not_yaml_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"override 'data.webdataset.urls=\[/d/\{0..9\}.tar\]': the value is not valid YAML"):
+        load_config(None, ["data.webdataset.urls=[/d/{0..9}.tar]"])
+    cfg = load_config(None, ['data.webdataset.urls=["/d/{0..9}.tar"]', "data.kind=webdataset"])
+    assert cfg.data.webdataset.urls == ["/d/{0..9}.tar"]
