@@ -1,0 +1,95 @@
+"""Per-rank model-state bytes of DeepSpeed engines (ZeRO-0/2/3 on 2 gloo ranks) and peak RSS."""
+import json
+import os
+
+import open_clip
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from dsclip import memory
+from dsclip_testutils import REPO, free_port
+
+WORLD = 2
+TINY = {  # a small in-test CLIP: every matrix is partitioned, small enough for a fast test
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 8, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def _engine_states(rank: int, port: int, out: str) -> None:
+    import deepspeed
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(verbose=False)
+    results = {}
+    for stage in (0, 2, 3):
+        torch.manual_seed(0)
+        model = open_clip.CLIP(**TINY, nonscalar_logit_scale=True)
+        numel = sum(p.numel() for p in model.parameters())
+        config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}}
+        if stage == 3:
+            config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        image_features, text_features, scale = engine(torch.randn(2, 3, 16, 16), torch.randint(0, 1000, (2, 8)))
+        engine.backward((scale * image_features @ text_features.T).sum())
+        engine.step()
+        results[stage] = {"numel": numel, "tensors": len(list(model.parameters())), **memory.state_bytes(engine)}
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY)
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.logit_scale.grad = torch.ones(())
+    plain.step()
+    results["plain"] = {"numel": sum(p.numel() for p in model.parameters()), **memory.module_state_bytes(model, plain)}
+    with open(f"{out}.{rank}.json", "w") as f:
+        json.dump(results, f)
+
+
+@pytest.fixture(scope="module")
+def states(tmp_path_factory) -> list[dict]:
+    out = str(tmp_path_factory.mktemp("memory") / "states")
+    mp.spawn(_engine_states, args=(free_port(), out), nprocs=WORLD, join=True)
+    return [json.loads(open(f"{out}.{rank}.json").read()) for rank in range(WORLD)]
+
+
+def test_zero0_holds_everything_on_every_rank(states):
+    for rank in states:
+        s, p = rank["0"], rank["0"]["numel"] * 4
+        steps = 4 * s["tensors"]  # AdamW's per-tensor step count (fp32 scalar)
+        assert (s["params"], s["grads"], s["optimizer"]) == (p, p, 2 * p + steps)
+
+
+def test_zero2_shards_grads_and_optimizer_but_not_params(states):
+    for rank in states:
+        s, p = rank["2"], rank["2"]["numel"] * 4
+        assert s["params"] == p
+        assert s["grads"] == pytest.approx(p / WORLD, rel=0.01)  # partitions are padded to an alignment
+        assert s["optimizer"] == pytest.approx(3 * p / WORLD, rel=0.01)  # fp32 master copy + two moments
+
+
+def test_zero3_shards_params_grads_and_optimizer(states):
+    for rank in states:
+        s, p = rank["3"], rank["3"]["numel"] * 4
+        assert s["params"] == pytest.approx(p / WORLD, rel=0.01)
+        assert s["grads"] == pytest.approx(p / WORLD, rel=0.01)
+        # fp32 master partition (DeepSpeed 0.19.8 clones it on CPU) + two moments
+        assert s["optimizer"] == pytest.approx(3 * p / WORLD, rel=0.01)
+
+
+def test_plain_module_counts_params_grads_and_adam_moments(states):
+    s, p = states[0]["plain"], states[0]["plain"]["numel"] * 4
+    # only logit_scale was stepped: its two moments (4 bytes each) and its step count
+    assert (s["params"], s["grads"], s["optimizer"]) == (p, p, 12)
+
+
+def test_peak_rss_rises_past_the_old_peak_with_a_touched_allocation():
+    peak_before, rss_before = memory.peak_rss_bytes(), memory.rss_bytes()
+    assert peak_before >= rss_before > 0
+    extra = 64 * 2 ** 20
+    block = torch.ones((peak_before - rss_before + extra) // 4)  # every page written: resident
+    assert memory.peak_rss_bytes() >= peak_before + extra // 2
+    assert block.sum() > 0
