@@ -48,11 +48,14 @@ def train_main(argv: Optional[list[str]] = None) -> int:
         overrides.append(f"output_dir={args.output_dir}")
     if args.name:
         overrides.append(f"name={args.name}")
-    if args.pretrained:
-        overrides.append(f"model.pretrained={args.pretrained}")
-    if args.trust_checkpoint:
-        overrides.append("model.trust_checkpoint=true")
+    overrides += weight_overrides(args)
     return guarded(lambda: _train(args.recipe, overrides, args.deepspeed_config, args.resume))
+
+
+def weight_overrides(args: argparse.Namespace) -> list[str]:
+    """Recipe overrides for the shared weight flags (--pretrained, --trust-checkpoint)."""
+    overrides = [f"model.pretrained={args.pretrained}"] if args.pretrained else []
+    return overrides + (["model.trust_checkpoint=true"] if args.trust_checkpoint else [])
 
 
 def _train(recipe: Optional[str], overrides: list[str], ds_config_path: str, resume: Optional[str]) -> int:

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from dsclip.cli import default_ds_config, guarded  # cli imports this module lazily: no cycle
+from dsclip.cli import default_ds_config, guarded, weight_overrides  # cli imports this module lazily: no cycle
 from dsclip.config import load_config
 
 
@@ -45,10 +45,7 @@ def eval_main(argv: list[str]) -> int:
         task_overrides("retrieval", args.retrieval)
     if args.model:
         overrides.append(f"model.name={args.model}")
-    if args.pretrained:
-        overrides.append(f"model.pretrained={args.pretrained}")
-    if args.trust_checkpoint:
-        overrides.append("model.trust_checkpoint=true")
+    overrides += weight_overrides(args)
     return guarded(lambda: evaluate(args.recipe, overrides, args.deepspeed_config, args.out))
 
 

@@ -241,17 +241,22 @@ def gather_rows(local: torch.Tensor) -> torch.Tensor:
 
 
 # -- building ---------------------------------------------------------------------------------
-def zeroshot_dataset(task: ZeroShotTask, transform: Callable, synthetic_cfg: synthetic.SyntheticConfig, seed: int,
-                     render_size: int) -> Dataset:
+def eval_dataset(task, transform: Callable, synthetic_cfg: synthetic.SyntheticConfig, seed: int,
+                 render_size: int) -> Dataset:
+    """The image set of a zero-shot or retrieval task: items are (image, label, caption)."""
     if task.source == "synthetic":
         return SyntheticLabelled(synthetic_cfg, seed, transform, render_size)
     if task.source == "webdataset":
         return ShardPairs(task.path, transform, task.max_samples)
-    from dsclip.shards import FashionMnistSource, FolderSource
+    from dsclip.shards import CsvSource, FashionMnistSource, FolderSource
+    from dsclip.tabular import CsvConfig
     if task.source == "fashion-mnist":
-        return SourceImages(FashionMnistSource(task.path or FASHION_MNIST_DIR, task.split, list(SIMPLE_TEMPLATES)),
-                            transform)
-    return SourceImages(FolderSource(task.path, list(SIMPLE_TEMPLATES)), transform)
+        source = FashionMnistSource(task.path or FASHION_MNIST_DIR, task.split, list(SIMPLE_TEMPLATES))
+    elif task.source == "folder":
+        source = FolderSource(task.path, list(SIMPLE_TEMPLATES))
+    else:
+        source = CsvSource(CsvConfig(path=task.path))
+    return SourceImages(source, transform)
 
 
 def prompts_for(task: ZeroShotTask, dataset: Dataset) -> tuple[list[str], list[str]]:
@@ -267,28 +272,17 @@ def prompts_for(task: ZeroShotTask, dataset: Dataset) -> tuple[list[str], list[s
     return names, templates
 
 
-def retrieval_dataset(task: RetrievalTask, transform: Callable, synthetic_cfg: synthetic.SyntheticConfig, seed: int,
-                      render_size: int) -> Dataset:
-    if task.source == "synthetic":
-        return SyntheticLabelled(synthetic_cfg, seed, transform, render_size)
-    if task.source == "webdataset":
-        return ShardPairs(task.path, transform, task.max_samples)
-    from dsclip.shards import CsvSource
-    from dsclip.tabular import CsvConfig
-    return SourceImages(CsvSource(CsvConfig(path=task.path)), transform)
-
-
 def build_evals(cfg: EvalConfig, bundle, synthetic_cfg: synthetic.SyntheticConfig, seed: int,
                 loss_fn: Callable) -> list:
     render_size = 2 * max(bundle.image_size)
     evals: list = []
     for task in cfg.zeroshot:
-        dataset = zeroshot_dataset(task, bundle.eval_transform, synthetic_cfg, seed, render_size)
+        dataset = eval_dataset(task, bundle.eval_transform, synthetic_cfg, seed, render_size)
         names, templates = prompts_for(task, dataset)
         evals.append(ZeroShotEval(task.name, dataset, names, templates, bundle.tokenizer, cfg.batch_size,
                                   task.max_samples))
     for task in cfg.retrieval:
-        dataset = retrieval_dataset(task, bundle.eval_transform, synthetic_cfg, seed, render_size)
+        dataset = eval_dataset(task, bundle.eval_transform, synthetic_cfg, seed, render_size)
         evals.append(RetrievalEval(task.name, dataset, bundle.tokenizer, cfg.batch_size, task.max_samples, loss_fn))
     return evals
 
