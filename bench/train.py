@@ -337,9 +337,9 @@ def print_scaling(rows: list[dict]) -> None:
     gpus = list(rows[0]["gb_per_rank"])
     print("\nper-rank model states, GB (computed from parameter counts, not measured: bf16 params + grads, "
           "fp32 Adam master + moments; activations and buffers excluded)")
-    print(f"{'model':>12} {'params':>7} {'ZeRO':>4} {'DDP':>6} " + " ".join(f"{n:>6}" for n in gpus))
+    print(f"{'model':>12} {'params':>7} {'ZeRO':>4} {'DDP':>6} " + " ".join(f"{n:>7}" for n in gpus))
     for r in rows:
-        cells = " ".join(f"{r['gb_per_rank'][n]:>6.2f}" for n in gpus)
+        cells = " ".join(f"{r['gb_per_rank'][n]:>7.3g}" for n in gpus)
         print(f"{r['model']:>12} {r['params'] / 1e6:>6.0f}M {r['stage']:>4} {r['ddp_gb_per_rank']:>6.1f} {cells}")
 
 
@@ -388,9 +388,9 @@ def print_table(rows: list[dict], data_s: float) -> None:
             cells = (f"{state['params']:>10.1f} {state['grads']:>9.1f} {state['optimizer']:>9.1f} "
                      f"{_ratio(r.get('params_optimizer_vs_open_clip_loop')):>11}")
         cpu = f"{r['samples_per_cpu_s_per_rank']:>6.0f}" if "samples_per_cpu_s_per_rank" in r else f"{'-':>6}"
-        extra = ""
+        extra = f"  peak device {r['peak_device_mb']:.0f} MB" if "peak_device_mb" in r else ""
         if "samples_per_s_without_data" in r:
-            extra = f"  (without its data time: {r['samples_per_s_without_data']:.0f}/s)"
+            extra += f"  (without its data time: {r['samples_per_s_without_data']:.0f}/s)"
         print(f"{r['ranks']:>5} {r['system']:>19} {r['samples_per_s']:>10.0f} {_ratio(r['speed_vs_open_clip_loop']):>8}"
               f" {cpu} {_ratio(r.get('cpu_speed_vs_open_clip_loop')):>8} {cells} {r['peak_rss_mb']:>12.0f}"
               f" {r['load_before']:>5.1f}{extra}")
