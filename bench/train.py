@@ -13,6 +13,7 @@ Systems, each run in fresh processes (one per rank; gloo on CPU, nccl on CUDA):
                     loop, wrapped in DDP when ranks > 1
   zero0|zero2|zero3 dsclip's Trainer (its engine from ds_configs/, its tiled loss) driven step by step
   NAME+ckpt         the same with gradient checkpointing (open_clip's set_grad_checkpointing)
+  zero3+shared      prototype: fp32 ZeRO-3 steps its parameter partition in place (see share_fp32_master)
 
 Same model config, per-rank batch, precision and AdamW settings (lr 2e-3, betas 0.9/0.98, eps 1e-6,
 wd 0.1 off 1-D params, fused, clip 1.0) everywhere. open_clip_loop and dsclip train on the same
