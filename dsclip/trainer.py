@@ -11,6 +11,7 @@ import torch.distributed as dist
 import yaml
 
 from dsclip.checkpoint import CheckpointError, CheckpointManager, export_model, resolve_checkpoint, resume_conflicts
+from dsclip import memory
 from dsclip.config import RunConfig, to_dict
 from dsclip.data import build_train_data
 from dsclip.engine import build_engine, precision, resolve_ds_config, resolve_precision
@@ -61,7 +62,7 @@ class Trainer:
         self.engine = build_engine(bundle.module, resolved, cfg.optim, self.total_steps)
         self.loss_fn = build_loss(cfg.loss)
         self.evals = build_evals(cfg.eval, bundle, cfg.data.synthetic, cfg.seed, self.loss_fn)
-        self.epoch, self._batches, self.stop_requested = 0, None, False
+        self.epoch, self._batches, self.stop_requested, self.model_state_logged = 0, None, False, False
         if resume_from is not None:
             self.restore(*resume_from)
         if self.is_main:
@@ -193,10 +194,14 @@ class Trainer:
         samples = (step - then_step) * self.cfg.data.batch_size * self.cfg.train.grad_accum_steps * self.world_size
         rate = samples / max(now - then, 1e-9)
         eta = (now - then) / max(1, step - then_step) * (self.total_steps - step)
-        skipped = sum(self.data.skipped().values())
-        self.tracker.log(step, {"train/loss": loss, "train/lr": lr, "train/logit_scale": logit_scale.item(),
-                                "train/samples_per_s": rate, "train/epoch": self.epoch,
-                                "data/skipped_samples": skipped})
+        metrics = {"train/loss": loss, "train/lr": lr, "train/logit_scale": logit_scale.item(),
+                   "train/samples_per_s": rate, "train/epoch": self.epoch,
+                   "data/skipped_samples": sum(self.data.skipped().values()),
+                   "mem/peak_rss_mb": memory.peak_rss_bytes() / 2**20}
+        if not self.model_state_logged:  # after the first step: AdamW creates its moments lazily
+            metrics.update({f"mem/{key}_mb": value / 2**20 for key, value in memory.state_bytes(self.engine).items()})
+            self.model_state_logged = True
+        self.tracker.log(step, metrics)
         self.print(f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.3g} "
                    f"logit_scale {logit_scale.item():.2f} {rate:.0f} samples/s eta {eta:.0f}s")
         return now, step
@@ -222,6 +227,9 @@ class Trainer:
 
 def configure_threads() -> None:
     """One rank per core share: on CPU, ranks' thread pools otherwise fight over the cores."""
+    # DeepSpeed's CPU accelerator runs `numactl --hardware` at every ZeRO-3 gradient reduction unless
+    # LOCAL_SIZE is set; its launcher sets it, torchrun and `dsclip train` do not.
+    os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if "OMP_NUM_THREADS" not in os.environ:
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
