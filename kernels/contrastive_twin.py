@@ -8,6 +8,11 @@ only two (chunk x B) fp32 work buffers. Gradients come back "raw" per the contra
 import torch
 import torch.nn.functional as F
 
+# fp32 exp(x) keeps full relative precision down to x = -87.3 (then denormals, then 0). The
+# GEMV column sums multiply p_ij = exp(S_ij - lse_i) by exp(lse_i - m): a term is lost only
+# below exp(-87.3 + m - max_i S_ij) of its column's largest, under 1e-7 while m (the chunk's
+# largest row LSE) exceeds every column's max by at most this much.
+_GEMV_SPREAD = 70.0
 
 class TwinOps:
     """CPU/any-device implementation of the four tiled contrastive primitives."""
@@ -19,7 +24,13 @@ class TwinOps:
 
     def clip_stats(self, image: torch.Tensor, texts: torch.Tensor,
                    scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Row LSE (b) of S = scale * image @ texts.T, and this rank's column max / sum-exp (B)."""
+        """Row LSE (b) of S = scale * image @ texts.T, and this rank's column max / sum-exp (B).
+
+        One exp pass per chunk: row softmax P gives the row LSE, and the column sums come
+        from a GEMV, sum_i exp(S_ij - m) = P[:, j] . exp(lse - m). A chunk whose logits spread
+        too far for that (see `_GEMV_SPREAD`) takes a second, per-column-shifted exp pass.
+        The spread check reads one float on the host (free on CPU, a sync on CUDA).
+        """
         b, n_cols = image.shape[0], texts.shape[0]
         txt = texts.float()
         s = scale.float().reshape(())
@@ -30,15 +41,20 @@ class TwinOps:
         for start in range(0, b, self.chunk_rows):
             img = image[start:start + self.chunk_rows].float() * s
             n = img.shape[0]
-            chunk, exps = logits[:n], work[:n]
+            chunk, probs = logits[:n], work[:n]
             torch.mm(img, txt.T, out=chunk)  # (n, B) tile of logits, never materialised whole
-            row_max = chunk.amax(1)
-            torch.sub(chunk, row_max[:, None], out=exps).exp_()
-            row_lse[start:start + n] = row_max + exps.sum(1).log()
+            torch.softmax(chunk, 1, out=probs)  # one fused max / exp / sum / scale kernel
+            lse = chunk.amax(1) - probs.amax(1).log()  # a row's largest p is exp(max - lse)
+            row_lse[start:start + n] = lse
             tile_max = chunk.amax(0)
-            torch.sub(chunk, tile_max, out=exps).exp_()
+            shift = lse.max()
+            if shift - tile_max.min() <= _GEMV_SPREAD:
+                tile_sum = torch.mv(probs.T, (lse - shift).exp())
+                tile_max = shift.expand(n_cols)
+            else:
+                tile_sum = torch.sub(chunk, tile_max, out=probs).exp_().sum(0)
             new_max = torch.maximum(col_max, tile_max)
-            col_sum = col_sum * (col_max - new_max).exp() + exps.sum(0) * (tile_max - new_max).exp()
+            col_sum = col_sum * (col_max - new_max).exp() + tile_sum * (tile_max - new_max).exp()
             col_max = new_max
         return row_lse, col_max, col_sum
 
@@ -59,9 +75,8 @@ class TwinOps:
             torch.mm(img * s, txt.T, out=chunk)
             torch.sub(chunk, row_lse[start:start + n, None], out=p_row).exp_()
             grad = chunk.sub_(col_lse).exp_().mul_(col_coef).addcmul_(p_row, row_coef)
-            rows = torch.arange(n, device=image.device)
-            diag_cols = rows + offset + start  # this chunk's positive pairs
-            grad[rows, diag_cols] -= row_coef + col_coef[diag_cols]
+            first = offset + start  # this chunk's positive pairs: (r, first + r)
+            grad.diagonal(first).sub_(col_coef[first:first + n] + row_coef)
             torch.mm(grad, txt, out=d_image[start:start + n])
             d_texts.addmm_(grad.T, img)
         return d_image, d_texts

@@ -160,3 +160,25 @@ def test_two_ranks_match_open_clip_after_averaging(two_rank_errors, case):
 def test_unequal_local_batches_are_a_clear_error(two_rank_errors):
     for errors in two_rank_errors:
         assert "equal local batches" in errors["unequal"]
+
+
+
+@pytest.mark.parametrize("clustered", [True, False])
+def test_large_logit_scale_matches_open_clip(clustered):
+    # s = 100, open_clip's clamp. Clustered: images near u, every other text near -u, so a
+    # chunk's logits spread past the twin's one-exp GEMV limit and its per-column fallback
+    # runs; random 512-d features stay inside the limit.
+    image, text, _, bias = _inputs(70, 512, seed=3)
+    if clustered:
+        u = F.normalize(torch.randn(512, generator=torch.Generator().manual_seed(4)), dim=0)
+        signs = torch.tensor([1.0, -1.0]).repeat(35)[:, None]
+        image = F.normalize(u + 0.3 * image.detach(), dim=-1).requires_grad_()
+        text = F.normalize(signs * u + 0.3 * text.detach(), dim=-1).requires_grad_()
+    scale = torch.tensor([100.0], requires_grad=True)
+    logits = 100.0 * image.detach()[:32] @ text.detach().T
+    spread = (logits.logsumexp(1).max() - logits.amax(0).min()).item()
+    assert (spread > 70) == clustered, spread
+    loss_fn = build_loss(LossConfig(impl="torch_tiled", chunk_rows=32))
+    got = _loss_and_grads(loss_fn, (image, text, scale, bias), grad_output=0.9)
+    want = _loss_and_grads(_open_clip_loss("clip"), (image, text, scale, bias), grad_output=0.9)
+    _assert_parity(got, want, TOL)
