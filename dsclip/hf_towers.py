@@ -11,11 +11,15 @@ open_clip's HF text tower over the MiniLM folder (mean pooling, linear projectio
 reported unused). Both towers read local files only; nothing is downloaded.
 
 open_clip registers configs from JSON files, and the MiniLM folder's path is known only at
-run time, so the configs are written to a cache folder (`$XDG_CACHE_HOME/dsclip/model_configs`)
-and registered from there with open_clip's public `add_model_config`.
+run time, so the configs are written to a cache folder (`$XDG_CACHE_HOME/dsclip/model_configs`,
+a temporary folder where that cannot be written) and registered from there with open_clip's
+public `add_model_config`. An export of such a model names the MiniLM folder by its absolute
+path in `open_clip_config.json`: plain open_clip loads it where the package is installed at
+the same place (the same environment).
 """
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -68,8 +72,15 @@ def minilm_configs(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def config_folder() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "dsclip" / "model_configs"
+    """The cache folder, or a new temporary one where the cache cannot be written (read-only home)."""
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsclip" / "model_configs"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="dsclip-model-configs-"))
 
 
 def write_if_changed(file: Path, text: str) -> None:
@@ -87,7 +98,6 @@ def register_minilm_configs() -> list[str]:
     if path is None:
         return []
     folder = config_folder()
-    folder.mkdir(parents=True, exist_ok=True)
     configs = minilm_configs(path)
     for name, config in configs.items():
         write_if_changed(folder / f"{name}.json", json.dumps(config, indent=2) + "\n")

@@ -61,6 +61,6 @@ def test_two_rank_zero3_high_res_run_exports_what_plain_open_clip_loads_at_the_n
 
 @pytest.mark.slow
 def test_vit_b32_224_to_336_on_two_zero3_ranks(tmp_path):
-    """The real case: ViT-B-32 from 224 px (7x7 grid) to 336 px (10x10), ~2 minutes on 2 cores."""
+    """The real case: ViT-B-32 from 224 px (7x7 grid) to 336 px (10x10), ~3 minutes on 2 busy cores."""
     pretrained, export = high_res_run(tmp_path, "ViT-B-32", 224, 336, "data.batch_size=2")
     check_export(pretrained, export, "ViT-B-32", 336, 10)

@@ -37,6 +37,13 @@ def test_every_image_tower_gets_a_minilm_architecture_with_its_own_vision_config
         assert config["text_cfg"]["hf_model_name"] == str(hf_towers.minilm_path())
 
 
+def test_configs_are_written_to_the_cache_folder_and_registered_from_there(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert hf_towers.register_minilm_configs() == hf_towers.REGISTERED
+    written = json.loads((tmp_path / "dsclip" / "model_configs" / f"{LIT_MODEL}.json").read_text())
+    assert written == open_clip.get_model_config(LIT_MODEL)
+
+
 def test_minilm_tower_holds_the_packaged_pretrained_weights_and_tokenizer():
     bundle = build_model(ModelConfig(name=LIT_MODEL, context_length=12))
     text = bundle.module.clip.text
