@@ -5,17 +5,21 @@
 
 Each rank count runs in fresh processes; each rank measures, per global batch B and loss,
 the peak memory above what it held before the loss (CPU: the process's peak RSS, reset
-through /proc/self/clear_refs; CUDA: the allocator's peak) and the wall time of one
-forward+backward. ClipLoss runs whose predicted memory (per-rank bytes per logit x b x B,
-from the largest batch measured so far) exceeds --host-budget-gb are skipped and
-extrapolated (memory and time grow as b x B for ClipLoss); the table marks them with '*'.
-Prints a table and writes JSON.
+through /proc/self/clear_refs; CUDA: the allocator's peak) and the wall and CPU time of one
+forward+backward. The two losses alternate, in swapped order each round, for up to
+--repeats rounds (fewer where one round is slow, see --point-budget-s); times are medians,
+so a shared machine's changing load hits both alike. ClipLoss runs whose predicted memory
+(per-rank bytes per logit x b x B, from the largest batch measured so far) exceeds
+--host-budget-gb or 80% of the memory available now are skipped and extrapolated (memory
+and time grow as b x B for ClipLoss); the table marks them with '*'. Prints a table and
+writes JSON.
 """
 import argparse
 import ctypes
 import json
 import os
 import socket
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -69,20 +73,56 @@ def make_loss(name: str, args: argparse.Namespace):
     return build_loss(LossConfig(impl=args.impl, chunk_rows=args.chunk_rows))
 
 
-def step(loss_fn, b: int, args: argparse.Namespace, seed: int) -> tuple[float, int]:
-    """(seconds, peak extra bytes) of one forward+backward at local batch b."""
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable missing from /proc/meminfo")
+
+
+def step(loss_fn, b: int, args: argparse.Namespace, seed: int) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, peak extra bytes) of one forward+backward at local batch b."""
     gen = torch.Generator().manual_seed(seed)
     dtype = DTYPES[args.dtype]
     image = F.normalize(torch.randn(b, args.dim, generator=gen), dim=-1).to(args.device, dtype).requires_grad_()
     text = F.normalize(torch.randn(b, args.dim, generator=gen), dim=-1).to(args.device, dtype).requires_grad_()
     scale = torch.tensor([14.3], device=args.device, requires_grad=True)
     before = _reset_peak(args.device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     loss_fn(image, text, scale).backward()
     if args.device == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return seconds, _peak(args.device) - before
+    return time.perf_counter() - start, time.process_time() - cpu_start, _peak(args.device) - before
+
+
+def _agree(value: float, op: dist.ReduceOp, device: str) -> float:
+    """The same value on every rank (MIN / MAX over ranks)."""
+    if not dist.is_initialized():
+        return value
+    x = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(x, op=op)
+    return x.item()
+
+
+def measure_batch(losses: dict, batch: int, world: int, args: argparse.Namespace, rank: int) -> dict[str, list]:
+    """Per loss: [(wall s, CPU s, peak extra bytes)] over the rounds run at global batch `batch`."""
+    b = batch // world
+    if args.device == "cuda":
+        for loss_fn in losses.values():
+            step(loss_fn, b, args, seed=rank)  # per-shape autotune off the clock
+    samples = {name: [] for name in losses}
+    rounds, r = args.repeats, 0
+    while r < rounds:
+        order = list(losses) if r % 2 == 0 else list(losses)[::-1]
+        round_start = time.perf_counter()
+        for name in order:
+            samples[name].append(step(losses[name], b, args, seed=rank))
+        if r == 0:  # slow points get fewer rounds; every rank runs the same number
+            first = _agree(time.perf_counter() - round_start, dist.ReduceOp.MAX, args.device)
+            rounds = max(1, min(args.repeats, int(args.point_budget_s // max(first, 1e-9))))
+        r += 1
+    return samples
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
@@ -91,31 +131,30 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo" if args.device == "cpu" else "nccl", rank=rank, world_size=world)
-    losses = {name: make_loss(name, args) for name in args.losses}
-    for loss_fn in losses.values():
+    all_losses = {name: make_loss(name, args) for name in args.losses}
+    for loss_fn in all_losses.values():
         step(loss_fn, 64, args, seed=rank)  # warm-up: first-call costs (and Triton compiles) off the clock
-    bytes_per_logit = {name: None for name in losses}
+    bytes_per_logit = {name: None for name in all_losses}
     rows = []
     for batch in args.batches:
         b = batch // world
-        # losses alternate at each batch, so both see the same background load on a shared machine
-        for name, loss_fn in losses.items():
+        losses = {}
+        for name, loss_fn in all_losses.items():
             predicted = None if bytes_per_logit[name] is None else bytes_per_logit[name] * b * batch
-            fits = name != "open_clip" or predicted is None or predicted * world <= args.host_budget_gb * GB
-            if dist.is_initialized():  # all ranks skip together
-                flag = torch.tensor([int(fits)], device=args.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                fits = bool(flag.item())
-            if not fits:
+            room = min(args.host_budget_gb * GB, 0.8 * _available_bytes()) if args.device == "cpu" else float("inf")
+            fits = name != "open_clip" or predicted is None or predicted * world <= room
+            if _agree(float(fits), dist.ReduceOp.MIN, args.device):  # all ranks skip together
+                losses[name] = loss_fn
+            else:
                 rows.append({"loss": name, "batch": batch, "measured": False})
-                continue
-            if args.device == "cuda":
-                step(loss_fn, b, args, seed=rank)  # per-shape autotune off the clock
-            seconds, extra = step(loss_fn, b, args, seed=rank)
-            bytes_per_logit[name] = extra / (b * batch)
-            rows.append({"loss": name, "batch": batch, "measured": True, "seconds": seconds,
-                         "peak_extra_bytes": extra})
-            print(f"rank {rank}/{world} {name} B={batch}: {seconds:.2f} s, {extra / GB:.3f} GB", flush=True)
+        for name, samples in measure_batch(losses, batch, world, args, rank).items():
+            walls, cpus, peaks = zip(*samples)
+            bytes_per_logit[name] = max(peaks) / (b * batch)
+            rows.append({"loss": name, "batch": batch, "measured": True, "seconds": statistics.median(walls),
+                         "cpu_seconds": statistics.median(cpus), "wall_samples": list(walls),
+                         "peak_extra_bytes": max(peaks)})
+            print(f"rank {rank}/{world} {name} B={batch}: wall {' '.join(f'{w:.2f}' for w in walls)} s, "
+                  f"cpu {statistics.median(cpus):.2f} s, {max(peaks) / GB:.3f} GB", flush=True)
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump(rows, f)
     if dist.is_initialized():
@@ -137,11 +176,14 @@ def run(world: int, args: argparse.Namespace, tmp: Path) -> list[dict]:
             row = {"loss": name, "ranks": world, "batch": points[0]["batch"], "measured": points[0]["measured"]}
             if row["measured"]:
                 row["seconds"] = max(p["seconds"] for p in points)
+                row["cpu_seconds"] = max(p["cpu_seconds"] for p in points)
+                row["rounds"] = len(points[0]["wall_samples"])
                 row["peak_extra_gb"] = max(p["peak_extra_bytes"] for p in points) / GB
                 last = row
             elif last is not None:
                 growth = (row["batch"] / last["batch"]) ** 2
                 row["seconds"] = last["seconds"] * growth
+                row["cpu_seconds"] = last["cpu_seconds"] * growth
                 row["peak_extra_gb"] = last["peak_extra_gb"] * growth
             rows.append(row)
     return rows
@@ -170,7 +212,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--impl", default="auto", choices=["auto", "triton", "torch_tiled"], help="dsclip loss.impl")
-    parser.add_argument("--chunk-rows", type=int, default=1024, help="loss.chunk_rows for torch_tiled")
+    parser.add_argument("--chunk-rows", type=int, default=2048,
+                        help="loss.chunk_rows for torch_tiled (2048: fastest at these shapes on 2 cores)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds per batch (times are medians)")
+    parser.add_argument("--point-budget-s", type=float, default=150.0,
+                        help="fewer rounds where rounds x first round's seconds would exceed this")
     parser.add_argument("--host-budget-gb", type=float, default=10.0, help="skip ClipLoss runs predicted above this")
     parser.add_argument("--limit-gb", type=float, default=16.0, help="memory for the 'largest batch that fits' column")
     parser.add_argument("--json", default="bench/results/loss_{device}_{dtype}.json")
@@ -180,23 +226,29 @@ def main() -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     rows = [row for world in args.ranks for row in run(world, args, tmp)]
 
-    print(f"\nforward+backward, d={args.dim}, {args.dtype} on {args.device}; per-rank peak extra memory"
-          f" ('*' = did not fit, extrapolated as b x B from the largest measured batch)")
-    print(f"{'ranks':>5} {'loss':>10} {'B':>7} {'peak extra GB':>14} {'seconds':>9} {'mem ratio':>10} {'time ratio':>11}")
+    print(f"\nforward+backward, d={args.dim}, {args.dtype} on {args.device}, chunk_rows={args.chunk_rows}; "
+          "per-rank peak extra memory; median wall / CPU seconds over the rounds"
+          " ('*' = did not fit, extrapolated as b x B from the largest measured batch)")
+    print(f"{'ranks':>5} {'loss':>10} {'B':>7} {'rounds':>6} {'peak extra GB':>14} {'wall s':>9} {'CPU s':>9}"
+          f" {'mem ratio':>10} {'wall ratio':>11} {'CPU ratio':>10}")
     by_key = {(r["loss"], r["ranks"], r["batch"]): r for r in rows}
     for r in rows:
         base = by_key.get(("open_clip", r["ranks"], r["batch"]))
         mark = "" if r["measured"] else "*"
         if "seconds" not in r:
-            print(f"{r['ranks']:>5} {r['loss']:>10} {r['batch']:>7} {'not run':>14}")
+            print(f"{r['ranks']:>5} {r['loss']:>10} {r['batch']:>7} {'':>6} {'not run':>14}")
             continue
         ratios = ""
         if r["loss"] == "dsclip" and base and "seconds" in base:
             r["mem_ratio_vs_open_clip"] = r["peak_extra_gb"] / base["peak_extra_gb"]
             r["time_ratio_vs_open_clip"] = r["seconds"] / base["seconds"]
-            ratios = f"{r['mem_ratio_vs_open_clip']:>10.4f} {r['time_ratio_vs_open_clip']:>11.3f}"
-        print(f"{r['ranks']:>5} {r['loss']:>10} {r['batch']:>7} {r['peak_extra_gb']:>13.3f}{mark:1}"
-              f" {r['seconds']:>8.2f}{mark:1} {ratios}")
+            r["cpu_ratio_vs_open_clip"] = r["cpu_seconds"] / base["cpu_seconds"]
+            r["vs_extrapolated"] = not base["measured"]
+            mark_base = "" if base["measured"] else "*"
+            ratios = (f"{r['mem_ratio_vs_open_clip']:>9.4f}{mark_base:1} {r['time_ratio_vs_open_clip']:>10.3f}{mark_base:1}"
+                      f" {r['cpu_ratio_vs_open_clip']:>9.3f}{mark_base:1}")
+        print(f"{r['ranks']:>5} {r['loss']:>10} {r['batch']:>7} {r.get('rounds', ''):>6} {r['peak_extra_gb']:>13.3f}{mark:1}"
+              f" {r['seconds']:>8.2f}{mark:1} {r['cpu_seconds']:>8.2f}{mark:1} {ratios}")
     fits = {f"{name}/{world}": largest_batch_in([r for r in rows if r["loss"] == name and r["ranks"] == world],
                                                 args.limit_gb)
             for world in args.ranks for name in args.losses}
