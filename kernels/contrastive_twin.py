@@ -14,6 +14,7 @@ import torch.nn.functional as F
 # largest row LSE) exceeds every column's max by at most this much.
 _GEMV_SPREAD = 70.0
 
+
 class TwinOps:
     """CPU/any-device implementation of the four tiled contrastive primitives."""
 
