@@ -40,7 +40,8 @@ def check_export(pretrained, export, name: str, new_size: int, grid: int) -> Non
     reference = open_clip.create_model(name, pretrained=str(pretrained), force_image_size=new_size).state_dict()
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{export}")
     exported = model.state_dict()
-    assert json.loads((export / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]["image_size"] == new_size
+    config = json.loads((export / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["vision_cfg"]["image_size"] == new_size
     assert tuple(model.visual.image_size) == (new_size, new_size)
     assert exported[POS].shape[0] == 1 + grid * grid
     assert torch.equal(exported[POS], reference[POS]), "the resized table must be open_clip's resize-on-load exactly"

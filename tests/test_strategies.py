@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from dsclip_testutils import REPO, free_port
 STEPS = 5
 STRATEGIES = {  # case -> recipe overrides; dsclip-tiny: vision 2 blocks, text 1 block
     "full": ["freeze.strategy=full"],
@@ -48,7 +48,8 @@ def expected_frozen(case: str, names: list[str]) -> set[str]:
     if case == "frozen_text":
         return text
     # partial: image groups [proj] + [last block, ln_post] unlocked; text group [text_projection]
-    image_unlocked = {n for n in visual if n.startswith(("visual.proj", "visual.ln_post.", "visual.transformer.resblocks.1."))}
+    last_block = "visual.transformer.resblocks.1."
+    image_unlocked = {n for n in visual if n.startswith(("visual.proj", "visual.ln_post.", last_block))}
     return (visual - image_unlocked) | (text - {"text_projection"})
 
 
@@ -68,7 +69,7 @@ def optimizer_facts(engine) -> dict:
     managed = sorted(names[id(p)] for group in optimizer.fp16_groups for p in group)
     flats = {id(flat) for flat in optimizer.fp32_partitioned_groups_flat}
     state = optimizer.optimizer.state  # the torch AdamW under ZeRO-3: keyed by fp32 flat partitions
-    state_elements = sum(value.numel() for key, values in state.items() for name, value in values.items()
+    state_elements = sum(value.numel() for values in state.values() for name, value in values.items()
                          if name in ("exp_avg", "exp_avg_sq"))
     trainable_partition = sum(p.partition_numel() for _, p in engine.module.clip.named_parameters()
                               if p.requires_grad)
@@ -112,8 +113,6 @@ def drive(out: Path, cases: list[str]) -> None:
 # -- test ---------------------------------------------------------------------------------------
 def launch_driver(out: Path, cases: list[str]) -> dict[str, list[dict]]:
     """Run the driver on 2 ranks; per case, what each rank saw."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from dsclip_testutils import free_port
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            __file__, str(out), *cases]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
