@@ -12,6 +12,7 @@ import json
 import open_clip
 import pytest
 import torch
+from PIL import Image
 
 import dsclip.model  # noqa: F401  registers dsclip's model configs with open_clip
 from dsclip_testutils import ds_config, launch, read_metrics
@@ -48,7 +49,8 @@ def check_export(pretrained, export, name: str, new_size: int, grid: int) -> Non
     unchanged = [k for k, v in exported.items() if k != POS and torch.equal(v, reference[k].reshape(v.shape))]
     assert not unchanged, f"every trainable tensor must have trained: {unchanged}"
     model.eval()
-    image = torch.rand(2, 3, new_size, new_size)
+    image = torch.stack([preprocess(Image.new("RGB", (500, 400), (200, 30, 30)))] * 2)
+    assert image.shape == (2, 3, new_size, new_size)  # its transform resizes to the new size
     with torch.no_grad():
         features = model.encode_image(image, normalize=True)
     assert features.shape == (2, model.visual.output_dim) and torch.isfinite(features).all()
