@@ -10,6 +10,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 import torch
 from torch import nn
 
+import dsclip.hf_towers  # noqa: F401  registers the *-minilm architectures when their package is installed
 from dsclip.pretrained import load_pretrained
 
 SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"

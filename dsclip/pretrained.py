@@ -35,7 +35,7 @@ def load_pretrained(clip: nn.Module, model_name: str, source: str, trust: bool =
     state_dict = read_source(model_name, source, trust)
     incompatible = load_into(clip, state_dict, source)
     if incompatible.missing_keys:
-        log.warning("pretrained %s: %d parameters not in the file keep their initialisation: %s", source,
+        log.warning("pretrained %s: %d parameters not in the file keep the weights the architecture was created with: %s", source,
                     len(incompatible.missing_keys), ", ".join(incompatible.missing_keys[:8]))
     if incompatible.unexpected_keys:
         log.warning("pretrained %s: %d tensors in the file are not used by %s: %s", source,
