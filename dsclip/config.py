@@ -81,6 +81,9 @@ class RunConfig:
                     raise
                 except ValueError as e:
                     raise ConfigError(f"{f.name}: {e}") from None
+        if self.loss.kind == "siglip" and not self.model.has_logit_bias():
+            raise ConfigError(f"loss.kind=siglip needs a logit bias, which {self.model.name} has not: set "
+                              "model.init_logit_bias: -10 and model.init_logit_scale: 2.303 (or use a SigLIP model)")
         if self.optim.warmup_steps >= self.train.max_steps > 0:
             raise ConfigError(
                 f"optim.warmup_steps={self.optim.warmup_steps} is not below train.max_steps={self.train.max_steps}: "

@@ -26,8 +26,13 @@ class ModelConfig:
     trust_checkpoint: bool = False  # allow pickled weight files that can run code when loaded (only for files you trust)
     image_size: Optional[int] = None  # override the architecture's image size
     context_length: Optional[int] = None  # override the text context length
+    init_logit_scale: Optional[float] = None  # initial log logit scale (default log(1/0.07); SigLIP: log(10))
+    init_logit_bias: Optional[float] = None  # add a learned logit bias with this initial value (SigLIP: -10)
     grad_checkpointing: bool = False  # recompute each transformer block in backward (open_clip's checkpointing)
     activation_offload: bool = False  # checkpoint blocks with fairscale, keeping saved inputs in host memory
+
+    def has_logit_bias(self) -> bool:
+        return self.init_logit_bias is not None or "init_logit_bias" in open_clip.get_model_config(self.name)
 
     def validate(self) -> None:
         known = open_clip.list_models()
@@ -79,6 +84,8 @@ def build_model(cfg: ModelConfig, load_weights: bool = True) -> ModelBundle:
         force_image_size=cfg.image_size,
         force_context_length=cfg.context_length,
         nonscalar_logit_scale=True,  # DeepSpeed cannot broadcast 0-dim parameters
+        **{key: value for key, value in (("init_logit_scale", cfg.init_logit_scale),
+                                         ("init_logit_bias", cfg.init_logit_bias)) if value is not None},
     )
     if cfg.pretrained and load_weights:
         load_pretrained(clip, cfg.name, cfg.pretrained, trust=cfg.trust_checkpoint)

@@ -91,3 +91,10 @@ def test_override_value_that_is_not_yaml_is_a_clear_error():
         load_config(None, ["data.webdataset.urls=[/d/{0..9}.tar]"])
     cfg = load_config(None, ['data.webdataset.urls=["/d/{0..9}.tar"]', "data.kind=webdataset"])
     assert cfg.data.webdataset.urls == ["/d/{0..9}.tar"]
+
+
+def test_siglip_loss_needs_a_model_with_a_logit_bias():
+    with pytest.raises(ConfigError, match=r"loss.kind=siglip needs a logit bias, which dsclip-tiny has not"):
+        load_config(None, ["loss.kind=siglip"])
+    cfg = load_config(None, ["loss.kind=siglip", "model.init_logit_bias=-10", "model.init_logit_scale=2.303"])
+    assert cfg.model.has_logit_bias()
