@@ -26,7 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
-from dsclip.checkpoint import CONFIG_FILE, SAFETENSORS_FILE, WEIGHTS_FILE, atomic_write, open_clip_config
+from dsclip.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write, open_clip_config
 from dsclip.evaluation import EvalConfig, build_evals, rank_and_world, run_evals
 from dsclip.loss import build_loss
 from dsclip.model import ModelConfig, build_model
