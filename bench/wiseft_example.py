@@ -83,7 +83,7 @@ def main() -> int:
         + with_sets([urls] + (QUICK_FASHION if args.quick else [])), timings)
     fashion_run = out / "wiseft_fashion"
     report = fashion_run / "wise_ft"
-    run_stage("wise-ft sweep", [sys.executable, "-m", "dsclip.wiseft", "--zeroshot", str(shapes_export),
+    run_stage("wise-ft sweep", [sys.executable, "-m", "dsclip.cli", "wise-ft", "--zeroshot", str(shapes_export),
                                 "--finetuned", str(fashion_run / "export"), "--alphas", args.alphas,
                                 "--eval", str(RECIPES / "wiseft_fashion.yaml"), "--report-dir", str(report)]
               + with_sets(QUICK_EVAL if args.quick else []), timings)

@@ -146,7 +146,7 @@ def run_config_of(root: Path, tag: str):
 # Recipe keys a resumed run may change: they do not alter what is computed.
 RESUME_MAY_CHANGE = ("name", "output_dir", "logging.", "eval.", "train.save_every", "train.keep_last",
                      "train.export", "train.best_metric", "train.best_mode", "model.grad_checkpointing",
-                     "model.activation_offload", "model.trust_checkpoint")
+                     "model.activation_offload", "model.trust_checkpoint", "wise_ft.")
 
 
 def resume_conflicts(saved: dict[str, Any], current: dict[str, Any], saved_world: int, world: int) -> list[str]:
@@ -226,10 +226,6 @@ def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
         if not name.startswith(MODULE_PREFIX):
             raise CheckpointError(f"checkpoint {root / tag} holds '{name}', not a dsclip model parameter")
         state[name[len(MODULE_PREFIX):]] = tensor
-    # dsclip trains a 1-element logit scale (DeepSpeed cannot broadcast 0-dim tensors); open_clip's is 0-dim.
-    for key in ("logit_scale", "logit_bias"):
-        if key in state:
-            state[key] = state[key].reshape(())
     return state
 
 
@@ -245,15 +241,22 @@ def open_clip_config(model: ModelConfig) -> dict[str, Any]:
 
 def export_model(root: Path, tag: str, model: ModelConfig, out: Path, dtype: torch.dtype = torch.float32,
                  safetensors: bool = False) -> Path:
-    """Write consolidated weights + config. `out` is a folder (open_clip's HF layout, loadable as
-    'local-dir:<out>') or a weights file, with the config beside it as <file>.json."""
+    """Consolidate checkpoint `tag` and write it with `write_open_clip`."""
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in consolidated_state_dict(root, tag).items()}
+    return write_open_clip(state, model, out, safetensors)
+
+
+def write_open_clip(state: dict[str, torch.Tensor], model: ModelConfig, out: Path, safetensors: bool = False) -> Path:
+    """Weights + config that plain open_clip loads. `out` is a folder (open_clip's HF layout,
+    loadable as 'local-dir:<out>') or a weights file, with the config beside it as <file>.json."""
     if out.suffix in (".bin", ".pt", ".pth", ".safetensors"):
         weights, config = out, out.with_suffix(".json")
     else:
         weights = out / (SAFETENSORS_FILE if safetensors else WEIGHTS_FILE)
         config = out / CONFIG_FILE
     weights.parent.mkdir(parents=True, exist_ok=True)
+    # dsclip trains a 1-element logit scale (DeepSpeed cannot broadcast 0-dim tensors); open_clip's is 0-dim.
+    state = {k: v.reshape(()) if k in ("logit_scale", "logit_bias") else v for k, v in state.items()}
     if weights.suffix == ".safetensors":
         from safetensors.torch import save_file
         atomic_write(weights, lambda path: save_file({k: v.contiguous() for k, v in state.items()}, path))

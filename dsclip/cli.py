@@ -134,11 +134,17 @@ def eval_main(argv: list[str]) -> int:
     return run_eval_command(argv)
 
 
+def wiseft_command(argv: list[str]) -> int:
+    from dsclip.wiseft import wiseft_main
+    return wiseft_main(argv)
+
+
 COMMANDS = {
     "train": train_main,
     "eval": eval_main,
     "export": export_main,
     "make-shards": make_shards_main,
+    "wise-ft": wiseft_command,
 }
 
 
@@ -149,6 +155,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               "  train        fine-tune in this process (multi-rank: deepspeed dsclip/train.py ...)\n"
               "  eval         zero-shot / retrieval evaluation of a model (also under torchrun, ZeRO-3)\n"
               "  export       merge a DeepSpeed checkpoint into an open_clip model folder\n"
+              "  wise-ft      mix zero-shot and fine-tuned weights over alphas (WiSE-FT), evaluate, save the chosen mix\n"
               "  make-shards  write WebDataset shards from a CSV, image folder, fashion-mnist or openclipart",
               file=sys.stderr)
         return 2

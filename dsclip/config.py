@@ -24,6 +24,7 @@ from dsclip.freeze import FreezeConfig
 from dsclip.loss import LossConfig
 from dsclip.model import ModelConfig
 from dsclip.tracking import LoggingConfig
+from dsclip.wiseft import WiseFtConfig
 
 
 class ConfigError(ValueError):
@@ -66,6 +67,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    wise_ft: WiseFtConfig = field(default_factory=WiseFtConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -81,6 +83,9 @@ class RunConfig:
                     raise
                 except ValueError as e:
                     raise ConfigError(f"{f.name}: {e}") from None
+        if self.wise_ft.enabled and not self.model.pretrained:
+            raise ConfigError("wise_ft.enabled needs model.pretrained: the sweep's alpha = 0 end is the model "
+                              "the fine-tune starts from")
         if self.loss.kind == "siglip" and not self.model.has_logit_bias():
             raise ConfigError(f"loss.kind=siglip needs a logit bias, which {self.model.name} has not: set "
                               "model.init_logit_bias: -10 and model.init_logit_scale: 2.303 (or use a SigLIP model)")

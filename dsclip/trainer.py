@@ -260,4 +260,11 @@ def run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] = None)
     single_process_defaults()
     configure_threads()
     deepspeed.init_distributed(verbose=False)
-    return Trainer(cfg, ds_config, resume).train()
+    trainer = Trainer(cfg, ds_config, resume)
+    metrics = trainer.train()
+    if cfg.wise_ft.enabled and trainer.engine.global_steps >= trainer.total_steps:  # not after a stop signal
+        from dsclip.wiseft import run_wise_ft
+        finetuned = cfg.run_dir / "export" if cfg.train.export else cfg.run_dir
+        run_wise_ft(cfg.wise_ft, cfg, zeroshot=cfg.model.pretrained, finetuned=str(finetuned),
+                    out_dir=cfg.run_dir / "wise_ft", device=trainer.engine.device)
+    return metrics

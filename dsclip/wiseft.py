@@ -26,7 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
-from dsclip.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write, open_clip_config
+from dsclip.checkpoint import write_open_clip
 from dsclip.evaluation import EvalConfig, build_evals, rank_and_world, run_evals
 from dsclip.loss import build_loss
 from dsclip.model import ModelConfig, build_model
@@ -40,7 +40,6 @@ log = logging.getLogger("dsclip")
 
 DEFAULT_ALPHAS = "0:1:0.1"
 MAX_LISTED = 5  # differences named in an error message before "... and N more"
-WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -248,25 +247,6 @@ def plot_sweep(rows: list[SweepRow], task_names: list[str], general_names: list[
     figure.savefig(path)
 
 
-def save_open_clip(state: dict[str, torch.Tensor], model: ModelConfig, out: Path) -> Path:
-    """Weights + config that plain open_clip loads: a folder ('local-dir:OUT') or a weights file
-    with its config beside it as <file>.json (the layout of `dsclip export`)."""
-    if out.suffix in WEIGHT_SUFFIXES:
-        weights, config = out, out.with_suffix(".json")
-    else:
-        weights, config = out / WEIGHTS_FILE, out / CONFIG_FILE
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    # dsclip's models hold a 1-element logit scale (DeepSpeed cannot broadcast 0-dim tensors); open_clip's is 0-dim.
-    state = {k: v.reshape(()) if k in ("logit_scale", "logit_bias") else v for k, v in state.items()}
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        atomic_write(weights, lambda path: save_file({k: v.contiguous() for k, v in state.items()}, path))
-    else:
-        atomic_write(weights, lambda path: torch.save(state, path))
-    atomic_write(config, lambda path: Path(path).write_text(json.dumps(open_clip_config(model), indent=2)))
-    return weights
-
-
 # -- the sweep --------------------------------------------------------------------------------------
 @dataclass
 class SweepResult:
@@ -329,8 +309,8 @@ def run_wise_ft(cfg: WiseFtConfig, run_cfg: "RunConfig", zeroshot: str, finetune
     weights = None
     if rank == 0:
         mix_into(clip, start, end, chosen.alpha)
-        weights = save_open_clip({k: v.cpu() for k, v in clip.state_dict().items()}, model_cfg,
-                                 weights_out or out_dir / "export")
+        weights = write_open_clip({k: v.cpu() for k, v in clip.state_dict().items()}, model_cfg,
+                                  weights_out or out_dir / "export")
         write_report(rows, chosen, task_names, general_names, out_dir,
                      {"zeroshot": zeroshot, "finetuned": finetuned, "weights": str(weights)})
         print(f"[dsclip] wise-ft: saved alpha {chosen.alpha:g} to {weights}; table, JSON and plot in {out_dir}",

@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from dsclip.config import RunConfig, load_config
+from dsclip.config import load_config
 from dsclip.model import ModelConfig, build_model
 from dsclip.wiseft import (WiseFtConfig, WiseFtError, choose_alpha, load_endpoints, mix_into, parse_alphas,
                            run_wise_ft, SweepRow, wiseft_main)
@@ -199,7 +199,6 @@ def test_two_ranks_shard_the_evaluation_and_agree_with_one_process(tmp_path, end
 
 
 # -- the recipe section, run by the trainer at the end of training -----------------------------------
-@pytest.mark.skipif("wise_ft" not in RunConfig.__dataclass_fields__, reason="RunConfig has no wise_ft section yet")
 def test_recipe_section_sweeps_between_pretrained_and_the_fine_tuned_export(tmp_path, endpoints):
     overrides = SMALL_EVAL + [f"model.pretrained={endpoints[0]}", "train.max_steps=4", "optim.warmup_steps=1",
                               "data.batch_size=16", "logging.plots=false", f"output_dir={tmp_path}", "name=run",
