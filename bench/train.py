@@ -180,15 +180,13 @@ def share_fp32_master(engine) -> None:
 
 def _dsclip(rank: int, world: int, port: int, args: argparse.Namespace, stage: int, ckpt: bool, shared: bool,
             pool_path: str) -> dict:
-    import deepspeed
-
     from dsclip.config import load_config
     from dsclip.engine import load_ds_config
-    from dsclip.trainer import Trainer, quiet_libraries
+    from dsclip.trainer import Trainer, init_distributed, quiet_libraries
 
     device = _setup(rank, world, port, args)
     quiet_libraries()
-    deepspeed.init_distributed(verbose=False)
+    init_distributed()  # dsclip.trainer: also releases the /dev/shm names
     batches = rank_batches(torch.load(pool_path), rank, args, device)
     base_rss = memory.rss_bytes()
     steps = args.warmup + args.windows * args.window_steps

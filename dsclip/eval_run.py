@@ -53,18 +53,18 @@ def evaluate(recipe: Optional[str], overrides: list[str], ds_config_path: str, o
     from dsclip.engine import load_ds_config
     cfg = load_config(recipe, overrides)
     ds_config = load_ds_config(ds_config_path)
-    import deepspeed
     import torch.distributed as dist
 
     from dsclip.engine import build_inference_engine, precision, resolve_ds_config, resolve_precision
     from dsclip.evaluation import build_evals, run_evals
     from dsclip.loss import build_loss
     from dsclip.model import build_model
-    from dsclip.trainer import configure_threads, quiet_libraries, recipe_values, single_process_defaults
+    from dsclip.trainer import (configure_threads, init_distributed, quiet_libraries, recipe_values,
+                                single_process_defaults)
     quiet_libraries()
     single_process_defaults()
     configure_threads()
-    deepspeed.init_distributed(verbose=False)
+    init_distributed()
     bundle = build_model(cfg.model)
     ds = resolve_precision(resolve_ds_config(ds_config, recipe_values(cfg, dist.get_world_size())))
     engine = build_inference_engine(bundle.module, ds)

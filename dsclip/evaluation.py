@@ -72,7 +72,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         if self.every_steps < 0 or self.batch_size < 1:
-            raise ValueError(f"eval.every_steps must be >= 0 and eval.batch_size >= 1")
+            raise ValueError("eval.every_steps must be >= 0 and eval.batch_size >= 1")
         names = [t.name for t in self.zeroshot] + [t.name for t in self.retrieval]
         if len(set(names)) != len(names):
             raise ValueError(f"eval task names must be unique, got {names}")

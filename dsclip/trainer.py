@@ -4,6 +4,7 @@ import os
 import signal
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -247,6 +248,17 @@ def single_process_defaults() -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def init_distributed() -> None:
+    """DeepSpeed's process group, then the shared-memory names of its CPU all-reduce released."""
+    import deepspeed
+    deepspeed.init_distributed(verbose=False)
+    dist.barrier()  # every local rank has mapped every peer's buffer
+    # DeepSpeed never unlinks these /dev/shm files (~69 MB per rank): each run would leak them.
+    # The mappings stay valid after the names go.
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}"
+    Path(f"/dev/shm/{name}_{dist.get_rank()}").unlink(missing_ok=True)
+
+
 def quiet_libraries() -> None:
     """DeepSpeed logs every engine detail at INFO and torch warns on each reduce-scatter call."""
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*", category=FutureWarning)
@@ -255,11 +267,10 @@ def quiet_libraries() -> None:
 
 
 def run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] = None) -> dict[str, float]:
-    import deepspeed
     quiet_libraries()
     single_process_defaults()
     configure_threads()
-    deepspeed.init_distributed(verbose=False)
+    init_distributed()
     trainer = Trainer(cfg, ds_config, resume)
     metrics = trainer.train()
     if cfg.wise_ft.enabled and trainer.engine.global_steps >= trainer.total_steps:  # not after a stop signal

@@ -29,7 +29,7 @@ from torch import nn
 from dsclip.checkpoint import write_open_clip
 from dsclip.evaluation import EvalConfig, build_evals, rank_and_world, run_evals
 from dsclip.loss import build_loss
-from dsclip.model import ModelConfig, build_model
+from dsclip.model import build_model
 from dsclip.pretrained import PretrainedError, load_into, read_source
 from dsclip.resolution import fit_pos_embeds
 

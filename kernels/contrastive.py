@@ -87,7 +87,6 @@ def _clip_stats_kernel(img_ptr, txt_ptr, scale_ptr, row_lse_ptr, col_max_ptr, co
         row_ok = rows < n_rows
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        first = rb == pid  # this program's first row block: its buffer row holds no stats yet
         for cb in range(0, tl.cdiv(n_cols, BLOCK_N)):
             cols = cb * BLOCK_N + offs_n
             col_ok = cols < n_cols

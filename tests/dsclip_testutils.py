@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import deepspeed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,11 +19,13 @@ def free_port() -> int:
 def init_single_rank() -> None:
     """A one-rank gloo world inside the test process (idempotent)."""
     import torch.distributed as dist
+
+    from dsclip.trainer import init_distributed
     if dist.is_initialized():
         return
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    deepspeed.init_distributed(verbose=False)
+    init_distributed()  # dsclip.trainer: also releases the /dev/shm names
 
 
 def ds_config(stage: int, tmp_path: Path) -> Path:

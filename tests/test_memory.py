@@ -6,10 +6,9 @@ import open_clip
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch import nn
 
 from dsclip import memory
-from dsclip_testutils import REPO, free_port
+from dsclip_testutils import free_port
 
 WORLD = 2
 TINY = {  # a small in-test CLIP: every matrix is partitioned, small enough for a fast test
@@ -21,10 +20,12 @@ TINY = {  # a small in-test CLIP: every matrix is partitioned, small enough for 
 
 def _engine_states(rank: int, port: int, out: str) -> None:
     import deepspeed
+
+    from dsclip.trainer import init_distributed
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    deepspeed.init_distributed(verbose=False)
+    init_distributed()  # dsclip.trainer: also releases the /dev/shm names
     results = {}
     for stage in (0, 2, 3):
         torch.manual_seed(0)

@@ -54,7 +54,7 @@ def expected_frozen(case: str, names: list[str]) -> set[str]:
 
 
 # -- driver (runs on each rank under the launcher) ----------------------------------------------
-def full_parameters(engine) -> dict[str, "torch.Tensor"]:
+def full_parameters(engine) -> dict:
     """Every parameter of the bare open_clip model, gathered from its ZeRO-3 partitions (collective)."""
     import deepspeed
     clip = engine.module.clip
@@ -78,16 +78,15 @@ def optimizer_facts(engine) -> dict:
 
 
 def drive(out: Path, cases: list[str]) -> None:
-    import deepspeed
     import torch
     import torch.distributed as dist
     from dsclip.config import load_config
-    from dsclip.trainer import Trainer, quiet_libraries
+    from dsclip.trainer import Trainer, init_distributed, quiet_libraries
     if "lit-minilm" in cases:
         import dsclip.hf_towers  # noqa: F401  registers dsclip-tiny-minilm
 
     quiet_libraries()
-    deepspeed.init_distributed(verbose=False)
+    init_distributed()  # dsclip.trainer: also releases the /dev/shm names
     ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every parameter
     for case in cases:
