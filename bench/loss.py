@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -189,15 +190,19 @@ def run(world: int, args: argparse.Namespace, tmp: Path) -> list[dict]:
     return rows
 
 
-def largest_batch_in(rows: list[dict], limit_gb: float) -> int:
+def largest_batch_in(rows: list[dict], limit_gb: float) -> Optional[int]:
     """Largest global batch whose per-rank peak extra memory fits limit_gb, from the measured growth.
 
     open_clip: memory = c * B^2 (fit on the largest measured batch). dsclip: memory = a + c * B
-    (line through the two largest measured batches)."""
+    (line through the two largest measured batches; None with fewer than two)."""
     measured = [r for r in rows if r["measured"]]
+    if not measured:
+        return None
     big = measured[-1]
     if big["loss"] == "open_clip":
         return int((limit_gb / big["peak_extra_gb"]) ** 0.5 * big["batch"])
+    if len(measured) < 2:
+        return None
     small = measured[-2]
     slope = (big["peak_extra_gb"] - small["peak_extra_gb"]) / (big["batch"] - small["batch"])
     return int(big["batch"] + (limit_gb - big["peak_extra_gb"]) / slope)
@@ -255,7 +260,7 @@ def main() -> None:
     print(f"\nlargest global batch with per-rank peak extra memory <= {args.limit_gb} GB "
           "(computed from the measured growth: B^2 for open_clip, linear for dsclip):")
     for key, batch in fits.items():
-        print(f"  {key:>14} ranks: {batch}")
+        print(f"  {key:>14} ranks: {batch if batch else 'n/a (needs two measured batches)'}")
     path = Path(args.json.format(device=args.device, dtype=args.dtype))
     path.write_text(json.dumps({"args": vars(args), "rows": rows, "largest_batch_in_limit": fits}, indent=1))
     print(f"wrote {path}")
