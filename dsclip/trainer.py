@@ -122,6 +122,7 @@ class Trainer:
             if self.stop_agreed():
                 self.save(metrics)
                 self.print(f"stop signal: saved step {step}; resume with --resume latest")
+                self.tracker.close()
                 return metrics
             periodic = self.cfg.train.save_every and step % self.cfg.train.save_every == 0
             if step < self.total_steps and (periodic or self.data.at_epoch_end()):
