@@ -20,7 +20,7 @@ from dsclip.config import load_config
 from dsclip.model import ModelConfig, build_model
 from dsclip.wiseft import (WiseFtConfig, WiseFtError, choose_alpha, load_endpoints, mix_into, parse_alphas,
                            run_wise_ft, SweepRow, wiseft_main)
-from dsclip_testutils import REPO, free_port, read_metrics
+from dsclip_testutils import REPO, free_port, read_metrics, subprocess_env
 
 SMALL_EVAL = ["data.synthetic.eval_samples=48", "eval.batch_size=16",
               "eval.zeroshot=[{name: shapes, source: synthetic}, {name: shapes_top, source: synthetic}]",
@@ -204,7 +204,7 @@ def test_recipe_section_sweeps_between_pretrained_and_the_fine_tuned_export(tmp_
                               "data.batch_size=16", "logging.plots=false", f"output_dir={tmp_path}", "name=run",
                               "wise_ft.enabled=true", "wise_ft.alphas=[0.0, 1.0]"]
     result = subprocess.run([sys.executable, "-m", "dsclip.cli", "train"] + [a for o in overrides for a in ("--set", o)],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+                            cwd=REPO, capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     evals = [r for r in read_metrics(tmp_path / "run") if "eval/shapes/top1" in r]
     rows = json.loads((tmp_path / "run" / "wise_ft" / "wise_ft.json").read_text())["rows"]
@@ -233,7 +233,7 @@ def test_fine_tune_recipe_names_fashion_the_task_and_shapes_general():
 def test_reduced_example_improves_fashion_and_reproduces_the_fine_tune_evals_at_both_ends(tmp_path):
     result = subprocess.run([sys.executable, "bench/wiseft_example.py", "--quick", "--ranks", "1", "--alphas",
                              "0,0.5,1", "--out", str(tmp_path / "out"), "--results", str(tmp_path / "results")],
-                            cwd=REPO, capture_output=True, text=True, timeout=900)
+                            cwd=REPO, capture_output=True, text=True, timeout=900, env=subprocess_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads((tmp_path / "results" / "wiseft_example_quick.json").read_text())["sweep"]["rows"]
     evals = [r for r in read_metrics(tmp_path / "out" / "wiseft_fashion") if "eval/fashion/top1" in r]
