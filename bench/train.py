@@ -1,7 +1,7 @@
 """Training throughput and per-rank memory: dsclip (ZeRO-0/2/3, gradient checkpointing off/on)
 against open_clip's own training code.
 
-    python bench/train.py                                  # CPU, fp32, dsclip-tiny, 1 and 2 ranks (~6 min)
+    python bench/train.py                                  # CPU, fp32, dsclip-tiny, 1 and 2 ranks, 64 and 256 per rank
     python bench/train.py --scaling                        # only the computed per-rank memory table
     python bench/train.py --device cuda --dtype bf16 --model ViT-B-32 --batch-size 128 --ranks 1 \
         --systems open_clip_loop zero3 zero3+ckpt
@@ -13,10 +13,13 @@ Systems, each run in fresh processes (one per rank; gloo on CPU, nccl on CUDA):
                     loop, wrapped in DDP when ranks > 1
   zero0|zero2|zero3 dsclip's Trainer (its engine from ds_configs/, its tiled loss) driven step by step
   NAME+ckpt         the same with gradient checkpointing (open_clip's set_grad_checkpointing)
-  zero3+shared      prototype: fp32 ZeRO-3 steps its parameter partition in place (see share_fp32_master)
+  zeroN+gloo        dsclip with its CPU collectives left on gloo (DSCLIP_SHM_COLLECTIVES=0) instead of
+                    DeepSpeed's shared-memory all-reduce (dsclip/collectives.py); open_clip_loop's DDP
+                    always uses gloo, as torch does on CPU
 
-Same model config, per-rank batch, precision and AdamW settings (lr 2e-3, betas 0.9/0.98, eps 1e-6,
-wd 0.1 off 1-D params, fused, clip 1.0) everywhere. open_clip_loop and dsclip train on the same
+Same model config, per-rank batch, precision, AdamW settings (lr 2e-3, betas 0.9/0.98, eps 1e-6,
+wd 0.1 off 1-D params, fused, clip 1.0) and warmup + cosine schedule everywhere, so the per-step
+losses of open_clip_loop and dsclip can be compared (the table's loss diff). open_clip_loop and dsclip train on the same
 pre-rendered batches of dsclip's synthetic shapes, cycled, so data costs nothing in their step
 time; rendering one batch is timed separately. open_clip_train's own data time is in its step time
 and also subtracted in a second column. samples/s is the median over windows after a warm-up, each
@@ -124,6 +127,21 @@ def _param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _total_steps(args: argparse.Namespace) -> int:
+    return args.warmup + args.windows * args.window_steps
+
+
+def _warmup_steps(args: argparse.Namespace) -> int:
+    return min(50, _total_steps(args) - 1)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> torch.optim.lr_scheduler.LambdaLR:
+    """dsclip's warmup + cosine, so both loops take the same steps and their losses can be compared."""
+    from dsclip.engine import OptimConfig, lr_factor
+    cfg = OptimConfig(lr=LR, warmup_steps=_warmup_steps(args))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, _total_steps(args)))
+
+
 def _open_clip_loop(rank: int, world: int, port: int, args: argparse.Namespace, ckpt: bool,
                     pool_path: str) -> dict:
     import math
@@ -143,6 +161,7 @@ def _open_clip_loop(rank: int, world: int, port: int, args: argparse.Namespace, 
     wrapped = DistributedDataParallel(model) if world > 1 else model
     loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
     optimizer = torch.optim.AdamW(_param_groups(model), lr=LR, betas=BETAS, eps=EPS, fused=True)
+    schedule = _schedule(optimizer, args)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     def step(images: torch.Tensor, texts: torch.Tensor) -> float:
@@ -153,6 +172,7 @@ def _open_clip_loop(rank: int, world: int, port: int, args: argparse.Namespace, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
+        schedule.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # as open_clip_train does after each step
         return loss.item()
@@ -162,23 +182,7 @@ def _open_clip_loop(rank: int, world: int, port: int, args: argparse.Namespace, 
             **_peaks(device)}
 
 
-def share_fp32_master(engine) -> None:
-    """Prototype fix: let fp32 ZeRO-3 step its parameter partition in place instead of a cloned copy.
-
-    DeepSpeed 0.19.8 means to alias the master to the partition when both are fp32 on the same
-    device, but compares torch.device('cpu') with the string 'cpu' (never equal), so it clones.
-    """
-    opt = engine.optimizer
-    for i, (part, master) in enumerate(zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat)):
-        if part.dtype != master.dtype or part.data_ptr() == master.data_ptr():
-            continue
-        part.ds_id, part.requires_grad = master.ds_id, True
-        opt.fp32_partitioned_groups_flat[i] = part
-        if master in opt.optimizer.state:  # state created at init is keyed by the clone
-            opt.optimizer.state[part] = opt.optimizer.state.pop(master)
-
-
-def _dsclip(rank: int, world: int, port: int, args: argparse.Namespace, stage: int, ckpt: bool, shared: bool,
+def _dsclip(rank: int, world: int, port: int, args: argparse.Namespace, stage: int, ckpt: bool,
             pool_path: str) -> dict:
     from dsclip.config import load_config
     from dsclip.engine import load_ds_config
@@ -189,11 +193,11 @@ def _dsclip(rank: int, world: int, port: int, args: argparse.Namespace, stage: i
     init_distributed()  # dsclip.trainer: also releases the /dev/shm names
     batches = rank_batches(torch.load(pool_path), rank, args, device)
     base_rss = memory.rss_bytes()
-    steps = args.warmup + args.windows * args.window_steps
+    steps = _total_steps(args)
     cfg = load_config(None, [
         f"model.name={args.model}", f"model.grad_checkpointing={ckpt}", f"data.batch_size={args.batch_size}",
         f"optim.lr={LR}", f"optim.weight_decay={WEIGHT_DECAY}", f"train.grad_clip={GRAD_CLIP}",
-        f"train.max_steps={steps}", f"optim.warmup_steps={min(50, steps - 1)}", "eval.at_start=false",
+        f"train.max_steps={steps}", f"optim.warmup_steps={_warmup_steps(args)}", "eval.at_start=false",
         "eval.at_end=false", "eval.zeroshot=[]", "train.export=false", "logging.plots=false",
         f"output_dir={Path(pool_path).parent}", f"name=zero{stage}-{ckpt}-{world}"])
     if stage == 0:
@@ -205,8 +209,6 @@ def _dsclip(rank: int, world: int, port: int, args: argparse.Namespace, stage: i
     for item in args.ds_set:
         apply_ds_override(ds, item)
     trainer = Trainer(cfg, ds)
-    if shared:
-        share_fp32_master(trainer.engine)
 
     def step(images: torch.Tensor, texts: torch.Tensor) -> float:
         loss, _ = trainer.micro_step(images, texts)  # the Trainer's own forward + loss + backward
@@ -221,10 +223,12 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, system: 
             out: str) -> None:
     name, *suffixes = system.split("+")
     ckpt = "ckpt" in suffixes
+    if "gloo" in suffixes:
+        os.environ["DSCLIP_SHM_COLLECTIVES"] = "0"
     if name == "open_clip_loop":
         result = _open_clip_loop(rank, world, port, args, ckpt, pool_path)
     else:
-        result = _dsclip(rank, world, port, args, int(name[-1]), ckpt, "shared" in suffixes, pool_path)
+        result = _dsclip(rank, world, port, args, int(name[-1]), ckpt, pool_path)
     Path(f"{out}.rank{rank}.json").write_text(json.dumps(result))
     if dist.is_initialized():
         dist.barrier()
@@ -276,13 +280,13 @@ def _free_port() -> int:
 
 
 def run(system: str, world: int, args: argparse.Namespace, tmp: Path) -> dict:
-    out = str(tmp / f"{system}-{world}")
+    out = str(tmp / f"{system}-{world}-{args.batch_size}")
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     if system == "open_clip_train":
         mp.spawn(_open_clip_train_worker, args=(args, str(tmp / "oc_logs" / str(time.time_ns())), out), nprocs=1)
     else:
-        mp.spawn(_worker, args=(world, _free_port(), args, system, str(tmp / "pool.pt"), out), nprocs=world)
+        mp.spawn(_worker, args=(world, _free_port(), args, system, str(tmp / f"pool{args.batch_size}.pt"), out), nprocs=world)
     per_rank = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(world)]
     row = {"system": system, "ranks": world, "batch_per_rank": args.batch_size,
            "wall_s": time.perf_counter() - started, "load_before": load_before, "load_after": os.getloadavg()[0],
@@ -305,6 +309,7 @@ def run(system: str, world: int, args: argparse.Namespace, tmp: Path) -> dict:
     cpu_s = [max(sum(r["cpu_times"][i * w:(i + 1) * w]) for r in per_rank) for i in range(args.windows)]
     row["samples_per_cpu_s_per_rank"] = statistics.median(args.batch_size * w / s for s in cpu_s)
     row["loss_first_last"] = [per_rank[0]["losses"][0], per_rank[0]["losses"][-1]]
+    row["losses"] = per_rank[0]["losses"]
     row["base_rss_mb"] = max(r["base_rss"] for r in per_rank) / MB
     row["state_mb"] = {k: max(r["state"][k] for r in per_rank) / MB for k in memory.STATES}
     return row
@@ -343,24 +348,32 @@ def print_scaling(rows: list[dict]) -> None:
 
 
 # -- report --------------------------------------------------------------------------------------
+def _setting(row: dict) -> tuple[int, int]:
+    return row["ranks"], row["batch_per_rank"]
+
+
+def _baseline(rows: list[dict], row: dict, repeat: Optional[int] = None) -> Optional[dict]:
+    """The open_clip_loop row of `row`'s ranks and batch (and of `repeat`, when given)."""
+    return next((b for b in rows if _setting(b) == _setting(row) and b["system"] == "open_clip_loop"
+                 and (repeat is None or b["repeat"] == repeat)), None)
+
+
 def summarize(runs: list[dict]) -> list[dict]:
-    """One row per (ranks, system): the repeat with the most samples/s (the least disturbed by other
-    jobs), plus the median over repeats of the speed ratio to open_clip_loop measured in the same repeat."""
+    """One row per (ranks, batch, system): the repeat with the most samples/s (the least disturbed by
+    other jobs), plus the median over repeats of the speed ratio to open_clip_loop measured in the
+    same repeat, and the largest difference of its per-step losses from open_clip_loop's."""
     rows = []
-    for key in dict.fromkeys((r["ranks"], r["system"]) for r in runs):
-        mine = [r for r in runs if (r["ranks"], r["system"]) == key]
+    for key in dict.fromkeys((*_setting(r), r["system"]) for r in runs):
+        mine = [r for r in runs if (*_setting(r), r["system"]) == key]
         row = dict(max(mine, key=lambda r: r["samples_per_s"]))
         row["repeats_samples_per_s"] = [r["samples_per_s"] for r in mine]
-        ratios = []
-        for r in mine:
-            base = next((b for b in runs if (b["ranks"], b["system"], b["repeat"]) == (r["ranks"], "open_clip_loop",
-                                                                                         r["repeat"])), None)
-            if base:
-                ratios.append(r["samples_per_s"] / base["samples_per_s"])
+        ratios = [r["samples_per_s"] / base["samples_per_s"] for r in mine if (base := _baseline(runs, r, r["repeat"]))]
         row["speed_vs_open_clip_loop"] = statistics.median(ratios) if ratios else None
         rows.append(row)
     for row in rows:
-        base = next((b for b in rows if (b["ranks"], b["system"]) == (row["ranks"], "open_clip_loop")), None)
+        base = _baseline(rows, row)
+        if base and "losses" in row:
+            row["max_loss_diff_vs_open_clip_loop"] = max(abs(a - b) for a, b in zip(row["losses"], base["losses"]))
         if base and "samples_per_cpu_s_per_rank" in row:
             row["cpu_speed_vs_open_clip_loop"] = row["samples_per_cpu_s_per_rank"] / base["samples_per_cpu_s_per_rank"]
         if base and "state_mb" in row:
@@ -374,12 +387,14 @@ def _ratio(value: Optional[float]) -> str:
     return "" if value is None else f"{value:.2f}x"
 
 
-def print_table(rows: list[dict], data_s: float) -> None:
+def print_table(rows: list[dict], data_s: dict[int, float]) -> None:
     print("\nsamples/s: median window, best repeat; 'vs base': median over repeats of the ratio to open_clip_loop"
           " run in the same repeat; CPU-s: samples per CPU-second of the busiest rank (robust to other jobs);"
-          " p+o: params + optimizer state (incl. master) per rank; load: 1-min load average before the run")
-    print(f"{'ranks':>5} {'system':>19} {'samples/s':>10} {'vs base':>8} {'CPU-s':>6} {'vs base':>8} "
-          f"{'params MB':>10} {'grads MB':>9} {'optim MB':>9} {'p+o vs base':>11} {'peak RSS MB':>12} {'load':>5}")
+          " p+o: params + optimizer state (incl. master) per rank; loss diff: largest |loss - open_clip_loop's"
+          " loss| over all steps (same batches, same schedule); load: 1-min load average before the run")
+    print(f"{'ranks':>5} {'batch':>5} {'system':>19} {'samples/s':>10} {'vs base':>8} {'CPU-s':>6} {'vs base':>8} "
+          f"{'params MB':>10} {'grads MB':>9} {'optim MB':>9} {'p+o vs base':>11} {'loss diff':>9} "
+          f"{'peak RSS MB':>12} {'load':>5}")
     for r in rows:
         state = r.get("state_mb")
         cells = f"{'-':>10} {'-':>9} {'-':>9} {'':>11}"
@@ -390,21 +405,22 @@ def print_table(rows: list[dict], data_s: float) -> None:
         extra = f"  peak device {r['peak_device_mb']:.0f} MB" if "peak_device_mb" in r else ""
         if "samples_per_s_without_data" in r:
             extra += f"  (without its data time: {r['samples_per_s_without_data']:.0f}/s)"
-        print(f"{r['ranks']:>5} {r['system']:>19} {r['samples_per_s']:>10.0f} {_ratio(r['speed_vs_open_clip_loop']):>8}"
-              f" {cpu} {_ratio(r.get('cpu_speed_vs_open_clip_loop')):>8} {cells} {r['peak_rss_mb']:>12.0f}"
-              f" {r['load_before']:>5.1f}{extra}")
-    print(f"\nrendering one batch of dsclip's synthetic shapes (not in the dsclip/open_clip_loop step times): "
-          f"{data_s * 1000:.0f} ms")
+        loss = f"{r['max_loss_diff_vs_open_clip_loop']:>9.1e}" if "max_loss_diff_vs_open_clip_loop" in r else f"{'':>9}"
+        print(f"{r['ranks']:>5} {r['batch_per_rank']:>5} {r['system']:>19} {r['samples_per_s']:>10.0f}"
+              f" {_ratio(r['speed_vs_open_clip_loop']):>8} {cpu} {_ratio(r.get('cpu_speed_vs_open_clip_loop')):>8}"
+              f" {cells} {loss} {r['peak_rss_mb']:>12.0f} {r['load_before']:>5.1f}{extra}")
+    times = ", ".join(f"{seconds * 1000:.0f} ms at {batch}" for batch, seconds in data_s.items())
+    print(f"\nrendering one batch of dsclip's synthetic shapes (not in the dsclip/open_clip_loop step times): {times}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--systems", nargs="+", default=["open_clip_train", "open_clip_loop", "zero0", "zero2",
-                                                          "zero3", "open_clip_loop+ckpt", "zero0+ckpt",
-                                                          "zero2+ckpt", "zero3+ckpt"])
+                                                          "zero3", "zero3+gloo", "open_clip_loop+ckpt",
+                                                          "zero3+ckpt"])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--model", default="dsclip-tiny")
-    parser.add_argument("--batch-size", type=int, default=64, help="per rank")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[64, 256], help="per rank; each is a setting")
     parser.add_argument("--warmup", type=int, default=10, help="steps before timing")
     parser.add_argument("--windows", type=int, default=5)
     parser.add_argument("--window-steps", type=int, default=20)
@@ -421,9 +437,9 @@ def main() -> None:
     for system in systems:
         name, *suffixes = system.split("+")
         if (name not in ("open_clip_loop", "zero0", "zero1", "zero2", "zero3")
-                or not set(suffixes) <= {"ckpt", "shared"} or ("shared" in suffixes and name != "zero3")):
+                or not set(suffixes) <= {"ckpt", "gloo"} or ("gloo" in suffixes and name == "open_clip_loop")):
             raise ValueError(f"--systems: unknown system {system!r}; use open_clip_train, open_clip_loop, zero0, "
-                             "zero1, zero2, zero3, each optionally with +ckpt; zero3 also with +shared")
+                             "zero1, zero2, zero3, each optionally with +ckpt; the zeroN also with +gloo")
 
     if args.scaling:
         print_scaling(scaling_rows())
@@ -431,16 +447,18 @@ def main() -> None:
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="dsclip-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
-        data_s = render_pool(args, tmp / "pool.pt") if systems else 0.0
+        settings = [argparse.Namespace(**{**vars(args), "batch_size": batch}) for batch in args.batch_size]
+        data_s = {s.batch_size: render_pool(s, tmp / f"pool{s.batch_size}.pt") for s in settings if systems}
         for repeat in range(args.repeats):
-            for world in args.ranks:
-                for system in args.systems:
-                    if system == "open_clip_train" and world > 1:
-                        continue  # its DDP needs CUDA device ids; open_clip_loop is the multi-rank baseline
-                    row = {**run(system, world, args, tmp), "repeat": repeat}
-                    print(f"repeat {repeat}: {world} rank(s) {system}: {row['samples_per_s']:.0f} samples/s, "
-                          f"load {row['load_before']:.1f}", flush=True)
-                    runs.append(row)
+            for setting in settings:
+                for world in args.ranks:
+                    for system in args.systems:
+                        if system == "open_clip_train" and world > 1:
+                            continue  # its DDP needs CUDA device ids; open_clip_loop is the multi-rank baseline
+                        row = {**run(system, world, setting, tmp), "repeat": repeat}
+                        print(f"repeat {repeat}: {world} rank(s) x {setting.batch_size} {system}: "
+                              f"{row['samples_per_s']:.0f} samples/s, load {row['load_before']:.1f}", flush=True)
+                        runs.append(row)
     rows = summarize(runs)
     print_table(rows, data_s)
     scaling = scaling_rows()

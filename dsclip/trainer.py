@@ -12,6 +12,7 @@ import torch.distributed as dist
 import yaml
 
 from dsclip.checkpoint import CheckpointError, CheckpointManager, export_model, resolve_checkpoint, resume_conflicts
+from dsclip.collectives import use_shared_memory
 from dsclip import memory
 from dsclip.config import RunConfig, to_dict
 from dsclip.data import build_train_data
@@ -250,7 +251,8 @@ def single_process_defaults() -> None:
 
 
 def init_distributed() -> None:
-    """DeepSpeed's process group, then the shared-memory names of its CPU all-reduce released."""
+    """DeepSpeed's process group, the shared-memory names of its CPU all-reduce released, and its
+    collectives routed through that all-reduce when all ranks are CPU processes on one host."""
     import deepspeed
     deepspeed.init_distributed(verbose=False)
     dist.barrier()  # every local rank has mapped every peer's buffer
@@ -258,6 +260,8 @@ def init_distributed() -> None:
     # The mappings stay valid after the names go.
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}"
     Path(f"/dev/shm/{name}_{dist.get_rank()}").unlink(missing_ok=True)
+    if os.environ.get("DSCLIP_SHM_COLLECTIVES", "1") != "0":
+        use_shared_memory()
 
 
 def quiet_libraries() -> None:
