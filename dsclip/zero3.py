@@ -74,6 +74,8 @@ def coalesce_persistent_gather(optimizer: Any) -> None:
     parameter: ~50 for the tiny model, hundreds for a ViT-B (every bias and LayerNorm). dsclip
     packs the local shards into one buffer and gathers it once."""
     from deepspeed import comm
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     params = optimizer.persistent_parameters
@@ -86,11 +88,12 @@ def coalesce_persistent_gather(optimizer: Any) -> None:
         todo = [p for p in param_list or [first] if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
         if (async_op or len(todo) < 2 or len({p.ds_tensor.dtype for p in todo}) > 1
                 or len({id(p.ds_process_group) for p in todo}) > 1
-                or any(p.ds_secondary_tensor is not None or hasattr(p.ds_tensor, "ds_quant_scale") for p in todo)):
+                or any(p.ds_secondary_tensor is not None or hasattr(p.ds_tensor, "ds_quant_scale")
+                       or p.ds_tensor.status != PartitionedParamStatus.AVAILABLE for p in todo)):  # NVMe-swapped
             return per_param_gather(param_list, async_op=async_op, hierarchy=hierarchy)
         group = todo[0].ds_process_group
         shards = [p.ds_tensor.reshape(-1) for p in todo]
-        local = torch.cat(shards)
+        local = torch.cat(shards).to(get_accelerator().current_device_name())  # offload_param keeps shards on the host
         world = comm.get_world_size(group)
         gathered = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
         comm.all_gather_into_tensor(gathered, local, group=group)

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,3 +58,22 @@ def launch(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.Co
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _rank_entry(rank: int, worker: Callable[[int], dict], world: int, port: int, out_dir: str) -> None:
+    import torch
+
+    from dsclip.trainer import init_distributed
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    init_distributed()  # dsclip.trainer: also releases the /dev/shm names
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(worker(rank)))
+
+
+def run_on_ranks(worker: Callable[[int], dict], world: int, out_dir: Path) -> list[dict]:
+    """`worker(rank)` on `world` spawned CPU ranks joined in dsclip's process group (one thread
+    each); returns what each rank's worker returned (JSON-able), in rank order."""
+    import torch.multiprocessing as mp
+    mp.spawn(_rank_entry, args=(worker, world, free_port(), str(out_dir)), nprocs=world, join=True)
+    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(world)]

@@ -1,26 +1,17 @@
 """Shared-memory collectives (2 CPU ranks): same results as gloo, fallback where they cannot run."""
-import json
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from dsclip_testutils import free_port
+from dsclip_testutils import run_on_ranks
 
 WORLD = 2
 
 
-def _compare(rank: int, port: int, out: str) -> None:
+def _compare(rank: int) -> dict:
     from deepspeed import comm
 
     from dsclip.collectives import SharedMemoryCollectives
-    from dsclip.trainer import init_distributed
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    init_distributed()
     backend = comm.comm.cdb
     generator = torch.Generator().manual_seed(rank)
     n = 2_500_003  # odd, and larger than one chunk of the shared-memory kernel
@@ -62,15 +53,12 @@ def _compare(rank: int, port: int, out: str) -> None:
         comm.all_reduce(half)
         dist.all_reduce(gloo_half)
         results["all_reduce_bf16"] = torch.equal(half, gloo_half)
-    with open(f"{out}.{rank}.json", "w") as f:
-        json.dump(results, f)
+    return results
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
-    out = str(tmp_path_factory.mktemp("collectives") / "r")
-    mp.spawn(_compare, args=(free_port(), out), nprocs=WORLD, join=True)
-    return [json.loads(open(f"{out}.{rank}.json").read()) for rank in range(WORLD)]
+    return run_on_ranks(_compare, WORLD, tmp_path_factory.mktemp("collectives"))
 
 
 def test_ranks_on_one_host_route_through_shared_memory(results):

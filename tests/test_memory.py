@@ -1,14 +1,10 @@
 """Per-rank model-state bytes of DeepSpeed engines (ZeRO-0/2/3 on 2 gloo ranks) and peak RSS."""
-import json
-import os
-
 import open_clip
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dsclip import memory
-from dsclip_testutils import free_port
+from dsclip_testutils import run_on_ranks
 
 WORLD = 2
 TINY = {  # a small in-test CLIP: every matrix is partitioned, small enough for a fast test
@@ -18,14 +14,9 @@ TINY = {  # a small in-test CLIP: every matrix is partitioned, small enough for 
 }
 
 
-def _engine_states(rank: int, port: int, out: str) -> None:
+def _engine_states(rank: int) -> dict:
     import deepspeed
 
-    from dsclip.trainer import init_distributed
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    init_distributed()  # dsclip.trainer: also releases the /dev/shm names
     results = {}
     for stage in (0, 2, 3):
         torch.manual_seed(0)
@@ -46,15 +37,12 @@ def _engine_states(rank: int, port: int, out: str) -> None:
     model.logit_scale.grad = torch.ones(())
     plain.step()
     results["plain"] = {"numel": sum(p.numel() for p in model.parameters()), **memory.module_state_bytes(model, plain)}
-    with open(f"{out}.{rank}.json", "w") as f:
-        json.dump(results, f)
+    return results
 
 
 @pytest.fixture(scope="module")
 def states(tmp_path_factory) -> list[dict]:
-    out = str(tmp_path_factory.mktemp("memory") / "states")
-    mp.spawn(_engine_states, args=(free_port(), out), nprocs=WORLD, join=True)
-    return [json.loads(open(f"{out}.{rank}.json").read()) for rank in range(WORLD)]
+    return run_on_ranks(_engine_states, WORLD, tmp_path_factory.mktemp("memory"))
 
 
 def test_zero0_holds_everything_on_every_rank(states):

@@ -1,17 +1,13 @@
 """dsclip's ZeRO-3 additions (fetch units, shared fp32 master, coalesced persistent gather) on 2 CPU
 ranks: the same training as plain data parallelism, with the additions actually engaged."""
-import json
-import os
-
 import open_clip
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from dsclip import memory, zero3
-from dsclip_testutils import free_port
+from dsclip_testutils import run_on_ranks
 
 WORLD = 2
 STEPS = 3
@@ -68,7 +64,8 @@ def _zero3(rank: int) -> dict:
     model = open_clip.CLIP(**TINY, nonscalar_logit_scale=True)  # ZeRO-3 cannot partition a 0-d tensor
     blocks = zero3.mark_fetch_units(model, model)
     config = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": CLIP,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100}}
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100,
+                                    "memory_efficient_linear": False}}  # as ds_configs/zero3.json
     engine, *_ = deepspeed.initialize(model=model, optimizer=_optimizer(model), config=config)
     shared = zero3.share_fp32_master(engine.optimizer)
     zero3.coalesce_persistent_gather(engine.optimizer)
@@ -95,26 +92,18 @@ def _zero3(rank: int) -> dict:
             "optimizer_bytes": memory.state_bytes(engine)["optimizer"], "partition_bytes": partition_bytes}
 
 
-def _run(rank: int, port: int, out: str) -> None:
-    from dsclip.trainer import init_distributed
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    init_distributed()
+def _run(rank: int) -> dict:
     reference_losses, reference_params = _data_parallel(rank)
     result = _zero3(rank)
     params = result.pop("params")
     result["reference_losses"] = reference_losses
     result["max_param_diff"] = max((params[n] - p).abs().max().item() for n, p in reference_params.items())
-    with open(f"{out}.{rank}.json", "w") as f:
-        json.dump(result, f)
+    return result
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
-    out = str(tmp_path_factory.mktemp("zero3") / "r")
-    mp.spawn(_run, args=(free_port(), out), nprocs=WORLD, join=True)
-    return [json.loads(open(f"{out}.{rank}.json").read()) for rank in range(WORLD)]
+    return run_on_ranks(_run, WORLD, tmp_path_factory.mktemp("zero3"))
 
 
 def test_every_block_of_both_towers_is_a_fetch_unit_when_training_everything():
