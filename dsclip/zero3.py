@@ -52,7 +52,10 @@ def share_fp32_master(optimizer: Any) -> int:
 
     DeepSpeed means to alias the master to the partition when both are fp32 on the same device,
     but compares a torch.device with the string 'cpu'/'cuda:N' (never equal) and clones: 4 bytes
-    per parameter per rank for nothing. Returns the number of sub-groups now shared."""
+    per parameter per rank for nothing. Returns the number of sub-groups now shared. Left alone
+    when the optimizer is offloaded: its host-side master is DeepSpeed's to manage."""
+    if optimizer.offload_optimizer:
+        return 0
     shared = 0
     pairs = zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat)
     for i, (partition, master) in enumerate(pairs):
