@@ -227,6 +227,7 @@ def build_engine(module: nn.Module, ds: dict[str, Any], optim: OptimConfig, tota
     if zero_stage(ds) == 3:
         zero3.share_fp32_master(engine.optimizer)
         zero3.coalesce_persistent_gather(engine.optimizer)
+        zero3.fuse_grad_norm(engine.optimizer)
     return engine
 
 

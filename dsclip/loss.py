@@ -7,21 +7,25 @@ flag), since it is the only one that scales.
 
 The tiled implementations (`triton`, `torch_tiled`) never hold a (b x B) logits matrix:
 one pass over S = scale * I_r @ T.T gives the row log-sum-exp (image->text, complete on
-the rank) and a partial column log-sum-exp (text->image) that is merged across ranks by
-an all-reduce of 2 x B floats. Backward recomputes S tile by tile; the texts' partial
-gradient goes back to its owners through the gather's backward (reduce-scatter). Images
-are never gathered: each rank's rows get every rank's loss terms locally.
+the rank) and a partial column max / sum-exp (text->image) that every rank gathers (2 x B
+floats each) and merges. Backward recomputes S tile by tile; the texts' partial gradient
+goes back to its owners through the gather's backward (reduce-scatter). Images are never
+gathered: each rank's rows get every rank's loss terms locally.
+
+Four small collectives a step (texts, column stats, the ranks' incoming loss gradients,
+the texts' gradients), through `dsclip.collectives`: on CPU ranks of one host that is
+DeepSpeed's shared-memory all-reduce (~0.02 ms each) instead of gloo (~0.5 ms).
 """
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss
 from torch import nn
 
+from dsclip import collectives
 from kernels.contrastive_twin import TwinOps
 
 KINDS = ("clip", "siglip")
@@ -47,11 +51,29 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows in rank order; backward sums the gradients of each rank's rows on its owner."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.contiguous()
+        gathered = rows.new_empty((_world() * rows.shape[0], *rows.shape[1:]))
+        collectives.all_gather_into_tensor(gathered, rows)
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        mine = grad.new_empty((grad.shape[0] // _world(), *grad.shape[1:]))
+        collectives.reduce_scatter_tensor(mine, grad)
+        return mine
+
+
 def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     """All ranks' rows, concatenated in rank order; gradients flow back to their owners."""
     if _world() == 1:
         return features
-    return torch.cat(torch.distributed.nn.all_gather(features), dim=0)
+    return _GatherRows.apply(features)
 
 
 def rank_offset(local_batch: int) -> int:
@@ -85,11 +107,12 @@ class ReferenceSigLipLoss(nn.Module):
 def _merge_column_lse(col_max: torch.Tensor, col_sum: torch.Tensor) -> torch.Tensor:
     """Column log-sum-exp over all ranks' image rows from each rank's partial max / sum-exp."""
     if _world() > 1:
-        global_max = col_max.clone()
-        dist.all_reduce(global_max, op=dist.ReduceOp.MAX)  # all-reduce: B floats
-        col_sum = col_sum * (col_max - global_max).exp()
-        dist.all_reduce(col_sum)  # all-reduce: B floats
-        col_max = global_max
+        stats = torch.stack([col_max, col_sum])
+        every = stats.new_empty((_world() * 2, stats.shape[1]))
+        collectives.all_gather_into_tensor(every, stats)  # one gather, not a max and a sum all-reduce
+        maxes, sums = every.view(_world(), 2, -1).unbind(1)
+        col_max = maxes.amax(0)
+        col_sum = (sums * (maxes - col_max).exp()).sum(0)
     return col_max + col_sum.log()
 
 
@@ -98,9 +121,9 @@ def _all_ranks(x: torch.Tensor) -> torch.Tensor:
     x = x.detach().reshape(1).float()
     if _world() == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(_world())]
-    dist.all_gather(parts, x)
-    return torch.cat(parts)
+    every = x.new_empty(_world())
+    collectives.all_gather_into_tensor(every, x)
+    return every
 
 
 def _feature_grads(raw_image: torch.Tensor, raw_texts: torch.Tensor, image: torch.Tensor,

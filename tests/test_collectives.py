@@ -11,7 +11,7 @@ WORLD = 2
 def _compare(rank: int) -> dict:
     from deepspeed import comm
 
-    from dsclip.collectives import SharedMemoryCollectives
+    from dsclip.collectives import SharedExchange, SharedMemoryCollectives
     backend = comm.comm.cdb
     generator = torch.Generator().manual_seed(rank)
     n = 2_500_003  # odd, and larger than one chunk of the shared-memory kernel
@@ -25,9 +25,20 @@ def _compare(rank: int) -> dict:
     results["all_reduce"] = torch.equal(shared, gloo)
 
     biggest, gloo_max = x.clone(), x.clone()
-    comm.all_reduce(biggest, op=comm.ReduceOp.MAX)  # not a sum: must fall back to gloo
+    comm.all_reduce(biggest, op=comm.ReduceOp.MAX)  # too big for one exchange round: gloo
     dist.all_reduce(gloo_max, op=dist.ReduceOp.MAX)
     results["all_reduce_max"] = torch.equal(biggest, gloo_max)
+
+    # small all-reduces the kernel cannot sum (ZeRO's fp64 gradient norm, overflow flags) use the exchange
+    for name, small, op, gloo_op in [("all_reduce_fp64", x[:5].double(), comm.ReduceOp.SUM, dist.ReduceOp.SUM),
+                                     ("all_reduce_small_max", x[:7], comm.ReduceOp.MAX, dist.ReduceOp.MAX),
+                                     ("all_reduce_small_min_int", (x[:3] * 100).long(), dist.ReduceOp.MIN,
+                                      dist.ReduceOp.MIN)]:
+        shared_small, gloo_small = small.clone(), small.clone()
+        rounds_before = backend.exchange.turn
+        comm.all_reduce(shared_small, op=op)
+        dist.all_reduce(gloo_small, op=gloo_op)
+        results[name] = torch.equal(shared_small, gloo_small) and backend.exchange.turn != rounds_before
 
     full = torch.randn(2 * 1_000_001, generator=generator)
     expected = torch.empty(1_000_001)
@@ -48,12 +59,57 @@ def _compare(rank: int) -> dict:
     dist.all_gather_into_tensor(gloo_gathered, shard)
     results["all_gather"] = torch.equal(gathered, gloo_gathered)
 
+    small = SharedExchange.open_on_all_ranks(total_bytes=1 << 16)  # 16 KB per rank: hundreds of rounds
+    in_rounds = torch.empty(1_000_001)
+    small.reduce_scatter(in_rounds, full.clone())
+    results["reduce_scatter_rounds"] = torch.equal(in_rounds, expected)
+    in_rounds = torch.empty(WORLD * 777_777)
+    small.all_gather(in_rounds, shard)
+    results["all_gather_rounds"] = torch.equal(in_rounds, gloo_gathered)
+
+    results.update(_loss_through_shared_memory(rank, backend))
+
     if torch.bfloat16 in getattr(backend, "dtypes", ()):
         half, gloo_half = x.bfloat16(), x.bfloat16()
         comm.all_reduce(half)
         dist.all_reduce(gloo_half)
         results["all_reduce_bf16"] = torch.equal(half, gloo_half)
+        half_full, half_mine = full.bfloat16(), torch.empty(1_000_001, dtype=torch.bfloat16)
+        gloo_mine = torch.empty_like(half_mine)
+        dist.reduce_scatter_tensor(gloo_mine, half_full.clone())
+        comm.reduce_scatter_fn(half_mine, half_full)
+        results["reduce_scatter_bf16"] = torch.equal(half_mine, gloo_mine)
     return results
+
+
+def _loss_through_shared_memory(rank: int, backend) -> dict:
+    """dsclip's tiled loss with its collectives on shared memory, then on gloo: same loss and gradients."""
+    import torch.nn.functional as F
+    from deepspeed import comm
+
+    from dsclip import collectives
+    from dsclip.loss import LossConfig, build_loss
+    loss_fn = build_loss(LossConfig(kind="clip", impl="torch_tiled"))
+
+    def loss_and_grads() -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(rank)
+        leaves = [F.normalize(torch.randn(8, 16, generator=generator), dim=-1).requires_grad_() for _ in range(2)]
+        leaves.append(torch.tensor([10.0], requires_grad=True))
+        loss = loss_fn(*leaves)
+        (loss * (1 + rank)).backward()  # ranks weigh their losses differently
+        return [loss.detach()] + [leaf.grad for leaf in leaves]
+
+    sums, kernel_sum = [], collectives._kernel_sum
+    collectives._kernel_sum = lambda t: (sums.append(t.numel()), kernel_sum(t))  # once per collective here
+    shared = loss_and_grads()
+    comm.comm.cdb = backend.backend
+    try:
+        gloo = loss_and_grads()
+    finally:
+        comm.comm.cdb = backend
+        collectives._kernel_sum = kernel_sum
+    return {"loss_collectives_on_shared_memory": len(sums),
+            "loss_equals_gloo": all(torch.equal(a, b) for a, b in zip(shared, gloo))}
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +121,21 @@ def test_ranks_on_one_host_route_through_shared_memory(results):
     assert all(r["routed"] and "torch.float32" in r["dtypes"] for r in results)
 
 
-@pytest.mark.parametrize("op", ["all_reduce", "all_reduce_max", "reduce_scatter", "reduce_scatter_keeps_input",
-                                "reduce_scatter_in_place", "all_gather"])
+@pytest.mark.parametrize("op", ["all_reduce", "all_reduce_max", "all_reduce_fp64", "all_reduce_small_max",
+                                "all_reduce_small_min_int", "reduce_scatter", "reduce_scatter_keeps_input",
+                                "reduce_scatter_in_place", "all_gather", "reduce_scatter_rounds",
+                                "all_gather_rounds"])
 def test_results_equal_gloo_bit_for_bit(results, op):
     assert all(r[op] for r in results)
+
+
+def test_tiled_loss_runs_its_collectives_through_shared_memory(results):
+    for r in results:
+        assert r["loss_collectives_on_shared_memory"] == 4  # texts, column stats, loss gradients, text gradients
+        assert r["loss_equals_gloo"]
 
 
 def test_bf16_sums_equal_gloo_where_the_kernel_supports_it(results):
     if "all_reduce_bf16" not in results[0]:
         pytest.skip("this CPU lacks AVX-512BW: bf16 stays on gloo")
-    assert all(r["all_reduce_bf16"] for r in results)
+    assert all(r["all_reduce_bf16"] and r["reduce_scatter_bf16"] for r in results)

@@ -69,9 +69,22 @@ def _zero3(rank: int) -> dict:
     engine, *_ = deepspeed.initialize(model=model, optimizer=_optimizer(model), config=config)
     shared = zero3.share_fp32_master(engine.optimizer)
     zero3.coalesce_persistent_gather(engine.optimizer)
+    fused = zero3.fuse_grad_norm(engine.optimizer)
+    norms = []  # (fused, DeepSpeed's per-parameter) gradient norm of each step
+    opt = engine.optimizer
+    fused_norms = opt._get_norm_groups
+
+    def both_norms():
+        got = fused_norms()
+        per_parameter = [type(opt).get_grad_norm_direct(opt, opt.averaged_gradients[i], params)
+                         for i, params in enumerate(opt.fp16_groups)]
+        norms.append((torch.stack(got).tolist(), torch.stack(per_parameter).tolist()))
+        return got
+
+    opt._get_norm_groups = both_norms
     sums = []
-    collectives.SharedMemoryCollectives._sum = staticmethod(lambda t, real=collectives.SharedMemoryCollectives._sum:
-                                                             (sums.append(t.numel()), real(t)))
+    # every shared-memory collective calls DeepSpeed's kernel once per round
+    collectives._kernel_sum = lambda t, real=collectives._kernel_sum: (sums.append(t.numel()), real(t))
     losses, step_collectives = [], []
     for step in range(STEPS):
         loss = _loss(engine, *_batch(rank, step))
@@ -82,9 +95,8 @@ def _zero3(rank: int) -> dict:
         losses.append(loss.item())
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = engine.optimizer
     partition_bytes = sum(t.numel() * t.element_size() for t in opt.fp16_partitioned_groups_flat)
-    return {"losses": losses, "params": params, "blocks": blocks, "shared": shared,
+    return {"losses": losses, "params": params, "blocks": blocks, "shared": shared, "fused": fused, "norms": norms,
             "leaves": sum(z3_leaf_module(m) for m in model.modules()),
             "persistent": len(opt.persistent_parameters), "step_collectives": step_collectives,
             "aliased": all(a.data_ptr() == b.data_ptr() for a, b in zip(opt.fp16_partitioned_groups_flat,
@@ -137,8 +149,27 @@ def test_fp32_master_is_the_parameter_partition(results):
         assert r["optimizer_bytes"] == pytest.approx(2 * r["partition_bytes"], rel=0.01)
 
 
+def test_gradient_norm_in_one_reduction_equals_deepspeeds_per_parameter_norm(results):
+    for r in results:
+        assert r["fused"] and len(r["norms"]) == STEPS
+        for fused, per_parameter in r["norms"]:
+            assert fused == pytest.approx(per_parameter, rel=1e-6)
+            assert all(n > CLIP for n in fused)  # clipping binds, so the norm shapes the steps compared above
+
+
 def test_persistent_parameters_are_gathered_in_one_collective(results):
     for r in results:
         assert r["persistent"] > 10
         # the gather, plus the gradient-norm and overflow reductions: not one per parameter
         assert max(r["step_collectives"]) <= 4
+
+
+def test_contiguous_span_covers_back_to_back_slices_only():
+    flat = torch.arange(10.0)
+    parts = [flat[0:3], flat[3:4], flat[4:9]]
+    span = zero3.contiguous_span(parts)
+    assert span.data_ptr() == flat.data_ptr() and span.tolist() == list(range(9))
+    assert zero3.contiguous_span([flat[0:3], flat[4:9]]) is None  # a gap
+    assert zero3.contiguous_span([flat[3:4], flat[0:3]]) is None  # out of order
+    assert zero3.contiguous_span([flat[0:3], torch.arange(3.0)]) is None  # another buffer
+    assert zero3.contiguous_span([flat.view(2, 5)[:, :2]]) is None  # not contiguous
