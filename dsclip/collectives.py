@@ -54,7 +54,8 @@ def _kernel_sum(tensor: torch.Tensor) -> None:
 
 
 class SharedExchange:
-    """All-gather and reduce-scatter through one /dev/shm file that every local rank maps.
+    """All-gather, reduce-scatter and small all-reduces through one /dev/shm file that every
+    local rank maps.
 
     The file holds two halves, each with one region per rank; collectives alternate halves. A
     round is: write into this rank's region, meet the other ranks (a 1-float sum through
@@ -150,7 +151,10 @@ def _reduction(op: dist.ReduceOp) -> Optional[Callable[[torch.Tensor], torch.Ten
 
 
 def _create_file(path: str, size: int) -> bool:
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    except OSError:
+        return False
     try:
         os.posix_fallocate(fd, 0, size)  # fails here when /dev/shm is too small, not later with SIGBUS
         return True

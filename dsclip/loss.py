@@ -14,7 +14,7 @@ gathered: each rank's rows get every rank's loss terms locally.
 
 Four small collectives a step (texts, column stats, the ranks' incoming loss gradients,
 the texts' gradients), through `dsclip.collectives`: on CPU ranks of one host that is
-DeepSpeed's shared-memory all-reduce (~0.02 ms each) instead of gloo (~0.5 ms).
+shared memory (~0.02-0.05 ms each) instead of gloo (~0.3-0.5 ms).
 """
 from dataclasses import dataclass
 from typing import Literal, Optional
