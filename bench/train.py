@@ -16,6 +16,8 @@ Systems, each run in fresh processes (one per rank; gloo on CPU, nccl on CUDA):
   zeroN+gloo        dsclip with its CPU collectives left on gloo (DSCLIP_SHM_COLLECTIVES=0) instead of
                     DeepSpeed's shared-memory all-reduce (dsclip/collectives.py); open_clip_loop's DDP
                     always uses gloo, as torch does on CPU
+  open_clip_loop+malloc  the baseline with the host-allocator setting dsclip applies to its CPU
+                    processes (dsclip.memory.keep_freed_host_memory), to show what that alone is worth
 
 Same model config, per-rank batch, precision, AdamW settings (lr 2e-3, betas 0.9/0.98, eps 1e-6,
 wd 0.1 off 1-D params, fused, clip 1.0) and warmup + cosine schedule everywhere, so the per-step
@@ -225,6 +227,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, system: 
     ckpt = "ckpt" in suffixes
     if "gloo" in suffixes:
         os.environ["DSCLIP_SHM_COLLECTIVES"] = "0"
+    if "malloc" in suffixes:
+        memory.keep_freed_host_memory()
     if name == "open_clip_loop":
         result = _open_clip_loop(rank, world, port, args, ckpt, pool_path)
     else:
@@ -437,9 +441,12 @@ def main() -> None:
     for system in systems:
         name, *suffixes = system.split("+")
         if (name not in ("open_clip_loop", "zero0", "zero1", "zero2", "zero3")
-                or not set(suffixes) <= {"ckpt", "gloo"} or ("gloo" in suffixes and name == "open_clip_loop")):
+                or not set(suffixes) <= {"ckpt", "gloo", "malloc"}
+                or ("gloo" in suffixes and name == "open_clip_loop")
+                or ("malloc" in suffixes and name != "open_clip_loop")):
             raise ValueError(f"--systems: unknown system {system!r}; use open_clip_train, open_clip_loop, zero0, "
-                             "zero1, zero2, zero3, each optionally with +ckpt; the zeroN also with +gloo")
+                             "zero1, zero2, zero3, each optionally with +ckpt; the zeroN also with +gloo, "
+                             "open_clip_loop also with +malloc")
 
     if args.scaling:
         print_scaling(scaling_rows())

@@ -251,17 +251,21 @@ def single_process_defaults() -> None:
 
 
 def init_distributed() -> None:
-    """DeepSpeed's process group, the shared-memory names of its CPU all-reduce released, and its
-    collectives routed through that all-reduce when all ranks are CPU processes on one host."""
+    """DeepSpeed's process group, the shared-memory names of its CPU all-reduce released; on CPU,
+    glibc keeps freed host memory for reuse, and the collectives run on shared memory when all
+    ranks are on one host."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
     deepspeed.init_distributed(verbose=False)
     dist.barrier()  # every local rank has mapped every peer's buffer
     # DeepSpeed never unlinks these /dev/shm files (~69 MB per rank): each run would leak them.
     # The mappings stay valid after the names go.
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}"
     Path(f"/dev/shm/{name}_{dist.get_rank()}").unlink(missing_ok=True)
-    if os.environ.get("DSCLIP_SHM_COLLECTIVES", "1") != "0":
-        use_shared_memory()
+    if get_accelerator().device_name() == "cpu":
+        memory.keep_freed_host_memory()
+        if os.environ.get("DSCLIP_SHM_COLLECTIVES", "1") != "0":
+            use_shared_memory()
 
 
 def quiet_libraries() -> None:

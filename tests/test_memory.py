@@ -82,3 +82,26 @@ def test_peak_rss_rises_past_the_old_peak_with_a_touched_allocation():
     block = torch.ones((peak_before - rss_before + extra) // 4)  # every page written: resident
     assert memory.peak_rss_bytes() >= peak_before + extra // 2
     assert block.sum() > 0
+
+
+KEEP_FREED = """
+import torch
+from dsclip import memory
+MB = 2 ** 20
+def freed_and_still_resident():
+    before = memory.rss_bytes()
+    block = torch.ones(128 * MB // 4)  # above glibc's largest default mmap threshold (32 MB)
+    del block
+    return (memory.rss_bytes() - before) // MB
+print(freed_and_still_resident(), memory.keep_freed_host_memory(), freed_and_still_resident())
+"""
+
+
+def test_glibc_keeps_freed_host_memory_once_asked():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", KEEP_FREED], capture_output=True, text=True, check=True).stdout
+    default_mb, applied, kept_mb = out.split()
+    assert applied == "True"
+    assert int(default_mb) < 16  # by default a freed 128 MB block goes straight back to the OS
+    assert int(kept_mb) >= 120  # now it stays for the next step's allocations
