@@ -67,6 +67,14 @@ def _compare(rank: int) -> dict:
     small.all_gather(in_rounds, shard)
     results["all_gather_rounds"] = torch.equal(in_rounds, gloo_gathered)
 
+    from dsclip import collectives
+    create_file = collectives._create_file
+    collectives._create_file = lambda path, size: False  # as when /dev/shm is too small (rank 0 decides)
+    try:
+        results["no_room_no_exchange_on_any_rank"] = SharedExchange.open_on_all_ranks() is None
+    finally:
+        collectives._create_file = create_file
+
     results.update(_loss_through_shared_memory(rank, backend))
 
     if torch.bfloat16 in getattr(backend, "dtypes", ()):
@@ -127,6 +135,10 @@ def test_ranks_on_one_host_route_through_shared_memory(results):
                                 "all_gather_rounds"])
 def test_results_equal_gloo_bit_for_bit(results, op):
     assert all(r[op] for r in results)
+
+
+def test_without_room_in_dev_shm_no_rank_uses_the_exchange(results):
+    assert all(r["no_room_no_exchange_on_any_rank"] for r in results)
 
 
 def test_tiled_loss_runs_its_collectives_through_shared_memory(results):
