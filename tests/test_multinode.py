@@ -138,7 +138,9 @@ def test_slurm_sbatch_with_two_nodes_reproduces_the_single_node_losses(single_no
     """launch/slurm.sbatch run as its batch step, with stand-ins for scontrol and srun that start
     one task per simulated node on this machine (SLURM_NODEID 0 and 1)."""
     fakes = tmp_path / "bin"
-    fake_command(fakes, "scontrol", 'echo 127.0.0.1; echo 127.0.0.1\n')
+    # the second host comes late, as from a slow scontrol: a reader that stops after the first
+    # line must not fail the job (SIGPIPE under pipefail)
+    fake_command(fakes, "scontrol", 'echo 127.0.0.1; sleep 0.2; echo 127.0.0.1\n')
     fake_command(fakes, "srun", (
         'while [[ $1 == --* ]]; do shift; done; pids=()\n'
         'for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done\n'
