@@ -16,8 +16,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from dsclip.shards import open_source, write_shards
-from dsclip.webdata import WebDataConfig, build_webdataset_loader
+from dsclip.data.config import WebDataConfig
+from dsclip.data.shard_writer import write_shards
+from dsclip.data.shards import build_webdataset_loader
+from dsclip.data.sources import open_source
 
 
 def make_images(root: Path, n: int, size: int, classes: int = 10) -> None:
@@ -52,7 +54,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_images(root / "folder", args.images, args.source_size)
-        write_shards(open_source(str(root / "folder")), str(root / "shards"), per_shard=250, progress=False)
+        write_shards(open_source(str(root / "folder")), str(root / "shards"), per_shard=250)
         n_shards = len(list((root / "shards").glob("shard-*.tar")))
         urls = str(root / "shards" / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
         for workers in args.workers:

@@ -18,7 +18,6 @@ import argparse
 import ctypes
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -32,7 +31,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsclip.loss import LossConfig, build_loss  # noqa: E402
+from dsclip.loss.config import LossConfig  # noqa: E402
+from dsclip.loss.contrastive import build_loss  # noqa: E402
+from dsclip.training.bootstrap import free_port  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GB = 1024 ** 3
@@ -164,11 +165,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
 
 def run(world: int, args: argparse.Namespace, tmp: Path) -> list[dict]:
     """Per loss and batch: time = slowest rank, memory = largest rank; skipped points extrapolated as b x B."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = str(tmp / f"ranks{world}")
-    mp.spawn(_worker, args=(world, port, args, out), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), args, out), nprocs=world, join=True)
     per_rank = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(world)]
     rows = []
     for name in args.losses:

@@ -17,7 +17,7 @@ Systems, each run in fresh processes (one per rank; gloo on CPU, nccl on CUDA):
                     DeepSpeed's shared-memory all-reduce (dsclip/collectives.py); open_clip_loop's DDP
                     always uses gloo, as torch does on CPU
   open_clip_loop+malloc  the baseline with the host-allocator setting dsclip applies to its CPU
-                    processes (dsclip.memory.keep_freed_host_memory), to show what that alone is worth
+                    processes (dsclip.training.bootstrap.keep_freed_host_memory), to show what that alone is worth
 
 Same model config, per-rank batch, precision, AdamW settings (lr 2e-3, betas 0.9/0.98, eps 1e-6,
 wd 0.1 off 1-D params, fused, clip 1.0) and warmup + cosine schedule everywhere, so the per-step
@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import statistics
 import sys
 import tempfile
@@ -46,8 +45,9 @@ import torch.multiprocessing as mp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dsclip import memory  # noqa: E402
-from dsclip.model import SHIPPED_CONFIGS  # noqa: E402  (importing registers dsclip's model configs)
+from dsclip.model.architectures import SHIPPED_CONFIGS  # noqa: E402  (importing registers dsclip's model configs)
+from dsclip.training import memory  # noqa: E402
+from dsclip.training.bootstrap import free_port, keep_freed_host_memory  # noqa: E402
 
 MB = 2 ** 20
 GB = 2 ** 30
@@ -59,19 +59,19 @@ SCALING_GPUS = (8, 16, 32, 64, 128, 256, 512)
 # -- data: one pool of rendered batches, shared by open_clip_loop and dsclip -----------------------
 def render_pool(args: argparse.Namespace, path: Path) -> float:
     """Render ranks x pool_batches batches of dsclip's synthetic shapes; returns seconds per batch."""
-    from dsclip.data import SyntheticCaptions
-    from dsclip.model import ModelConfig, build_model
-    from dsclip.synthetic import SyntheticConfig
+    from dsclip.data import synthetic
+    from dsclip.model.build import build_model
+    from dsclip.model.config import ModelConfig
 
     bundle = build_model(ModelConfig(name=args.model))
-    dataset = SyntheticCaptions(SyntheticConfig(train_samples=10 ** 6), 0, bundle.train_transform,
-                                bundle.tokenizer, render_size=2 * max(bundle.image_size))
     n = max(args.ranks) * args.pool_batches
+    samples = synthetic.SyntheticSet(0, n * args.batch_size, 12, bundle.image_size, bundle.tokenizer,
+                                     synthetic.Normalize(bundle.image_mean, bundle.image_std), cache=False)
     start = time.perf_counter()
-    samples = [dataset[i] for i in range(n * args.batch_size)]
+    images, texts = samples.batch(torch.arange(n * args.batch_size))
     seconds = time.perf_counter() - start
-    images = torch.stack([s[0] for s in samples]).view(n, args.batch_size, *samples[0][0].shape)
-    texts = torch.stack([s[1] for s in samples]).view(n, args.batch_size, -1)
+    images = images.view(n, args.batch_size, *images.shape[1:])
+    texts = texts.view(n, args.batch_size, -1)
     torch.save({"images": images, "texts": texts}, path)
     return seconds / n
 
@@ -139,7 +139,8 @@ def _warmup_steps(args: argparse.Namespace) -> int:
 
 def _schedule(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> torch.optim.lr_scheduler.LambdaLR:
     """dsclip's warmup + cosine, so both loops take the same steps and their losses can be compared."""
-    from dsclip.engine import OptimConfig, lr_factor
+    from dsclip.training.config import OptimConfig
+    from dsclip.training.optim import lr_factor
     cfg = OptimConfig(lr=LR, warmup_steps=_warmup_steps(args))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, _total_steps(args)))
 
@@ -187,12 +188,14 @@ def _open_clip_loop(rank: int, world: int, port: int, args: argparse.Namespace, 
 def _dsclip(rank: int, world: int, port: int, args: argparse.Namespace, stage: int, ckpt: bool,
             pool_path: str) -> dict:
     from dsclip.config import load_config
-    from dsclip.engine import load_ds_config
-    from dsclip.trainer import Trainer, init_distributed, quiet_libraries
+    from dsclip.training.bootstrap import init_distributed, quiet_libraries
+    from dsclip.training.components import build_run
+    from dsclip.training.ds_config import load_ds_config
+    from dsclip.training.loop import Trainer
 
     device = _setup(rank, world, port, args)
     quiet_libraries()
-    init_distributed()  # dsclip.trainer: also releases the /dev/shm names
+    init_distributed()  # also releases the /dev/shm names
     batches = rank_batches(torch.load(pool_path), rank, args, device)
     base_rss = memory.rss_bytes()
     steps = _total_steps(args)
@@ -210,7 +213,7 @@ def _dsclip(rank: int, world: int, port: int, args: argparse.Namespace, stage: i
     ds["bf16"] = {"enabled": args.dtype == "bf16"}
     for item in args.ds_set:
         apply_ds_override(ds, item)
-    trainer = Trainer(cfg, ds)
+    trainer = Trainer(build_run(cfg, ds))
 
     def step(images: torch.Tensor, texts: torch.Tensor) -> float:
         loss, _ = trainer.micro_step(images, texts)  # the Trainer's own forward + loss + backward
@@ -228,7 +231,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, system: 
     if "gloo" in suffixes:
         os.environ["DSCLIP_SHM_COLLECTIVES"] = "0"
     if "malloc" in suffixes:
-        memory.keep_freed_host_memory()
+        keep_freed_host_memory()
     if name == "open_clip_loop":
         result = _open_clip_loop(rank, world, port, args, ckpt, pool_path)
     else:
@@ -277,12 +280,6 @@ def apply_ds_override(ds: dict, item: str) -> None:
 
 
 # -- runs ----------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run(system: str, world: int, args: argparse.Namespace, tmp: Path) -> dict:
     out = str(tmp / f"{system}-{world}-{args.batch_size}")
     load_before = os.getloadavg()[0]
@@ -290,7 +287,7 @@ def run(system: str, world: int, args: argparse.Namespace, tmp: Path) -> dict:
     if system == "open_clip_train":
         mp.spawn(_open_clip_train_worker, args=(args, str(tmp / "oc_logs" / str(time.time_ns())), out), nprocs=1)
     else:
-        mp.spawn(_worker, args=(world, _free_port(), args, system, str(tmp / f"pool{args.batch_size}.pt"), out), nprocs=world)
+        mp.spawn(_worker, args=(world, free_port(), args, system, str(tmp / f"pool{args.batch_size}.pt"), out), nprocs=world)
     per_rank = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(world)]
     row = {"system": system, "ranks": world, "batch_per_rank": args.batch_size,
            "wall_s": time.perf_counter() - started, "load_before": load_before, "load_after": os.getloadavg()[0],

@@ -23,19 +23,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "launch" / "recipes"
+sys.path.insert(0, str(REPO))
+
+from dsclip.training.bootstrap import free_port  # noqa: E402
 
 # The reduced run: fewer steps and evaluation images, the test split (10k) as training shards.
 QUICK_EVAL = ["data.synthetic.eval_samples=256",
               "eval.zeroshot=[{name: fashion, source: fashion-mnist, max_samples: 500}, {name: shapes, source: synthetic}]"]
 QUICK_SHAPES = ["train.max_steps=60", "optim.warmup_steps=10", "data.synthetic.eval_samples=256"]
 QUICK_FASHION = ["train.max_steps=40", "optim.warmup_steps=5"] + QUICK_EVAL
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_command(ranks: int) -> list[str]:

@@ -1,9 +1,11 @@
 """Run configuration: typed dataclasses built from defaults -> recipe YAML -> `--set` overrides.
 
-Precedence is exactly that order. Every component keeps its config dataclass beside its
-builder; `RunConfig` composes them. Loading is strict: an unknown key, a value of the wrong
-type or an impossible combination raises `ConfigError` naming the key path, the value and,
-for unknown keys, the closest valid key.
+Precedence is exactly that order. Each package keeps its sections in its own `config.py`
+(dsclip/model/config.py, dsclip/data/config.py, ...), plain dataclasses that import nothing
+heavy; `RunConfig` composes them. Loading is strict: an unknown key, a value of the wrong type
+or an impossible combination raises `ConfigError` naming the key path, the value and, for
+unknown keys, the closest valid key. Importing this module loads no torch, open_clip or
+DeepSpeed; checking `model.name` loads open_clip.
 """
 import dataclasses
 import difflib
@@ -17,41 +19,16 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from dsclip.data import DataConfig
-from dsclip.engine import OptimConfig
-from dsclip.evaluation import EvalConfig
-from dsclip.freeze import FreezeConfig
-from dsclip.loss import LossConfig
-from dsclip.model import ModelConfig
-from dsclip.tracking import LoggingConfig
-from dsclip.wiseft import WiseFtConfig
+from dsclip.data.config import DataConfig
+from dsclip.ensemble.config import WiseFtConfig
+from dsclip.errors import ConfigError
+from dsclip.eval.config import EvalConfig
+from dsclip.loss.config import LossConfig
+from dsclip.model.config import FreezeConfig, ModelConfig
+from dsclip.report.config import LoggingConfig
+from dsclip.training.config import OptimConfig, TrainConfig
 
-
-class ConfigError(ValueError):
-    """A recipe or override the user must fix; the message says where and how."""
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 1  # passes over the training data (ignored when max_steps > 0)
-    max_steps: int = 0  # optimizer steps to run; 0 = derived from epochs
-    grad_accum_steps: int = 1  # micro-batches per optimizer step
-    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
-    save_every: int = 0  # optimizer steps between checkpoints (also saved at each epoch end and at the end); 0 = epoch ends and end only
-    keep_last: int = 2  # complete checkpoints kept (older ones pruned; the best is always kept)
-    best_metric: Optional[str] = None  # keep the checkpoint with the best value of this eval metric, e.g. eval/synthetic/top1
-    best_mode: Literal["max", "min"] = "max"  # whether a larger or smaller best_metric is better
-    export: bool = True  # write open_clip-loadable weights to <run>/export at the end
-
-    def validate(self) -> None:
-        if self.epochs < 1 and self.max_steps < 1:
-            raise ConfigError("train.epochs and train.max_steps are both < 1: set one of them to a positive number")
-        if self.grad_accum_steps < 1:
-            raise ConfigError(f"train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
-        if self.keep_last < 1:
-            raise ConfigError(f"train.keep_last must be >= 1 (the newest checkpoint is always kept), got {self.keep_last}")
-        if self.grad_clip < 0:
-            raise ConfigError(f"train.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+__all__ = ["ConfigError", "RunConfig", "load_config", "from_dict", "to_dict", "recipe_reference"]
 
 
 @dataclass

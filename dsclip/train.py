@@ -1,17 +1,85 @@
-"""Training entry point for the DeepSpeed launcher and torchrun:
+"""One fine-tuning run, start to end; the entry point of the DeepSpeed launcher, torchrun and
+`dsclip train`:
 
     deepspeed dsclip/train.py --deepspeed_config ds_configs/zero3.json [--recipe FILE] [--set key=value ...]
+
+The run, in order: the recipe and DeepSpeed config are read and checked (before any rank does
+work), the process group starts, every component is built (resumed from a checkpoint with
+--resume), the loop trains, evaluates, saves and exports, and a `wise_ft:` recipe section sweeps
+WiSE-FT mixes of the result with the pretrained weights.
 """
 import os
 import sys
 
-# Run as a script, this folder would sit first on sys.path and its modules (config, data, ...)
-# would shadow same-named modules of every library; put the repository root there instead.
+# Run as a script, this folder would sit first on sys.path and its modules and packages (config,
+# data, ...) would shadow same-named modules of every library; put the repository root there instead.
 _here = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0] or ".") == _here:
     sys.path[0] = os.path.dirname(_here)
 
-from dsclip.cli import train_main  # noqa: E402
+import argparse  # noqa: E402
+from typing import Any, Optional  # noqa: E402
+
+from dsclip.commands.common import (DEFAULT_DS_CONFIG, add_ds_config, add_log_level, add_weight_flags,  # noqa: E402
+                                    guarded, weight_overrides)
+from dsclip.config import RunConfig, load_config  # noqa: E402
+
+
+def run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] = None) -> dict[str, float]:
+    """Train (or resume) the run `cfg` describes on every rank; returns its final evaluation."""
+    # Heavy imports only here, once the inputs are known to be good.
+    from dsclip.training.bootstrap import start_process_group
+    from dsclip.training.components import build_run
+    from dsclip.training.loop import Trainer
+
+    start_process_group()
+    trainer = Trainer(build_run(cfg, ds_config, resume))
+    metrics = trainer.train()
+    finished = trainer.engine.global_steps >= trainer.total_steps  # not stopped by a signal
+    if cfg.wise_ft.enabled and finished:
+        from dsclip.ensemble.wiseft import run_wise_ft
+        finetuned = cfg.run_dir / "export" if cfg.train.export else cfg.run_dir
+        run_wise_ft(cfg.wise_ft, cfg, zeroshot=cfg.model.pretrained, finetuned=str(finetuned),
+                    out_dir=cfg.run_dir / "wise_ft", device=trainer.engine.device)
+    return metrics
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsclip train", description="Fine-tune a CLIP model with DeepSpeed.")
+    add_ds_config(p, "DeepSpeed engine config (JSON; 'auto' fields come from the recipe); "
+                  f"default {DEFAULT_DS_CONFIG}")
+    p.add_argument("--recipe", help="run recipe (YAML); default: the embedded synthetic-shapes run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set optim.lr=1e-5 (repeatable)")
+    p.add_argument("--output-dir", help="parent folder of run folders (recipe key output_dir)")
+    p.add_argument("--name", help="run name; outputs go to <output-dir>/<name> (recipe key name)")
+    add_weight_flags(p, "initial weights (recipe key model.pretrained): open_clip tag, weights file, HF-style "
+                     "folder, hf-hub:org/name or a dsclip run folder; a new schedule from step 0")
+    p.add_argument("--resume", metavar="latest|PATH", help="continue a run exactly: model, optimizer, schedule, "
+                   "step, data position and RNG from 'latest' (this run's newest checkpoint) or a step-N folder")
+    add_log_level(p)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.name:
+        overrides.append(f"name={args.name}")
+    overrides += weight_overrides(args)
+
+    def train() -> int:
+        from dsclip.training.ds_config import load_ds_config
+        cfg = load_config(args.recipe, overrides)
+        ds_config = load_ds_config(args.deepspeed_config)
+        run(cfg, ds_config, args.resume)
+        return 0
+
+    return guarded(args, train)
+
 
 if __name__ == "__main__":
-    sys.exit(train_main())
+    sys.exit(main())

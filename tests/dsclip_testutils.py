@@ -1,32 +1,33 @@
 """Shared helpers for dsclip tests: single-process DeepSpeed world, tiny configs, launcher runs."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Optional
 
+from dsclip.training.bootstrap import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_single_rank() -> None:
     """A one-rank gloo world inside the test process (idempotent)."""
     import torch.distributed as dist
 
-    from dsclip.trainer import init_distributed
+    from dsclip.training.bootstrap import init_distributed
     if dist.is_initialized():
         return
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    init_distributed()  # dsclip.trainer: also releases the /dev/shm names
+    init_distributed()  # also releases the /dev/shm names
+
+
+def make_trainer(cfg, ds: dict[str, Any], resume: Optional[str] = None):
+    """A Trainer over the parts of run `cfg`, built as dsclip/train.py builds them."""
+    from dsclip.training.components import build_run
+    from dsclip.training.loop import Trainer
+    return Trainer(build_run(cfg, ds, resume))
 
 
 def ds_config(stage: int, tmp_path: Path) -> Path:
@@ -63,11 +64,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def _rank_entry(rank: int, worker: Callable[[int], dict], world: int, port: int, out_dir: str) -> None:
     import torch
 
-    from dsclip.trainer import init_distributed
+    from dsclip.training.bootstrap import init_distributed
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    init_distributed()  # dsclip.trainer: also releases the /dev/shm names
+    init_distributed()  # also releases the /dev/shm names
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(worker(rank)))
 
 

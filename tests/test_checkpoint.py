@@ -1,18 +1,25 @@
 """Checkpoints: exact resume after SIGKILL / SIGTERM, interrupted saves, refusals."""
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
+import open_clip
 import pytest
 import torch
 
-from dsclip.checkpoint import CheckpointError, is_complete, read_pointer, resume_conflicts
+from dsclip.commands.export import main as export_main
 from dsclip.config import load_config, to_dict
-from dsclip.engine import load_ds_config
-from dsclip.trainer import Trainer
-from dsclip_testutils import REPO, ds_config, free_port, init_single_rank, launch, read_metrics, subprocess_env
+from dsclip.errors import CheckpointError
+from dsclip.model.run_folder import is_complete, read_pointer
+from dsclip.training.ds_config import load_ds_config
+from dsclip.training.loop import Trainer
+from dsclip.training.resume import resume_conflicts
+from dsclip_testutils import REPO, ds_config, free_port, init_single_rank, launch, make_trainer, read_metrics, subprocess_env
 
 # 2 ranks x 8 per rank, 80 samples: 5 steps per epoch, so interruptions land mid-epoch.
 RUN = ["--set", "train.max_steps=30", "--set", "optim.warmup_steps=3", "--set", "logging.log_every=1",
@@ -51,13 +58,14 @@ def straight_run(tmp_path_factory):
     return losses
 
 
-def assert_resume_matches(straight: dict[int, float], run_dir, resumed_from: int) -> None:
+def assert_resume_matches(straight: dict[int, float], run_dir, resumed_from: int, last: int = 30) -> None:
     resumed = losses_by_step(run_dir)
-    assert 0 < resumed_from < 30
-    for step in range(resumed_from + 1, 31):
+    assert 0 < resumed_from < last and sorted(resumed) == list(range(1, last + 1))
+    for step in range(resumed_from + 1, last + 1):
         assert abs(resumed[step] - straight[step]) <= 1e-6, (step, resumed[step], straight[step])
 
 
+@pytest.mark.multiprocess
 def test_resume_after_sigkill_mid_epoch_reproduces_losses(straight_run, tmp_path):
     out = tmp_path / "killed"
     proc = start_launcher(out, tmp_path)
@@ -73,6 +81,7 @@ def test_resume_after_sigkill_mid_epoch_reproduces_losses(straight_run, tmp_path
     assert_resume_matches(straight_run, out / "default", resumed_from)
 
 
+@pytest.mark.multiprocess
 def test_sigterm_finishes_the_step_saves_and_resume_continues(straight_run, tmp_path):
     out = tmp_path / "preempted"
     proc = start_launcher(out, tmp_path)
@@ -89,6 +98,7 @@ def test_sigterm_finishes_the_step_saves_and_resume_continues(straight_run, tmp_
     assert_resume_matches(straight_run, out / "default", stopped_at)
 
 
+@pytest.mark.multiprocess
 def test_sigterm_exits_zero_after_saving(tmp_path):
     proc = subprocess.Popen([sys.executable, str(REPO / "dsclip" / "train.py"), "--deepspeed_config",
                              str(ds_config(3, tmp_path)), "--output-dir", str(tmp_path), *RUN,
@@ -104,10 +114,68 @@ def test_sigterm_exits_zero_after_saving(tmp_path):
 
 def tiny_trainer(tmp_path, *overrides: str, resume=None) -> Trainer:
     init_single_rank()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = load_config(None, ["train.max_steps=4", "optim.warmup_steps=1", "data.batch_size=8", "train.save_every=2",
                              "eval.at_start=false", "eval.at_end=false", "train.export=false",
                              f"output_dir={tmp_path}", *overrides])
-    return Trainer(cfg, load_ds_config(str(ds_config(3, tmp_path))), resume=resume)
+    return make_trainer(cfg, load_ds_config(str(ds_config(3, tmp_path))), resume=resume)
+
+
+def stop_after(trainer: Trainer, step: int) -> None:
+    """Make `trainer` stop at `step` as a SIGTERM would: it saves and returns."""
+    original = trainer.optimizer_step
+
+    def step_then_stop():
+        result = original()
+        trainer.stop_requested = trainer.engine.global_steps >= step
+        return result
+
+    trainer.optimizer_step = step_then_stop
+
+
+# 40 samples of 8: 5 steps an epoch, so step 7 is mid-epoch in the second epoch.
+SHORT_RUN = ("train.max_steps=12", "logging.log_every=1", "data.synthetic.train_samples=40", "train.save_every=100")
+
+
+def test_a_run_resumed_mid_epoch_in_process_reproduces_the_uninterrupted_losses(tmp_path):
+    tiny_trainer(tmp_path / "straight", *SHORT_RUN).train()
+    interrupted = tiny_trainer(tmp_path / "resumed", *SHORT_RUN)
+    stop_after(interrupted, 7)
+    interrupted.train()
+    assert read_pointer(tmp_path / "resumed" / "default" / "checkpoints" / "latest") == "step-7"
+    tiny_trainer(tmp_path / "resumed", *SHORT_RUN, resume="latest").train()
+    straight = losses_by_step(tmp_path / "straight" / "default")
+    assert_resume_matches(straight, tmp_path / "resumed" / "default", resumed_from=7, last=12)
+
+
+def save_in_previous_layout(trainer: Trainer, metrics: dict) -> str:
+    """A checkpoint as dsclip wrote it before the layered package (commit f7837ad), step for step:
+    DeepSpeed's files, rank-0.pt with the train state, COMPLETE, then the `latest` pointer. Kept
+    verbatim here: a reader change that stops old checkpoints from resuming or exporting fails."""
+    engine, root = trainer.engine, trainer.cfg.run_dir / "checkpoints"
+    tag = f"step-{engine.global_steps}"
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save({"epoch": trainer.epoch, "data": trainer.data.state_dict(), "config": to_dict(trainer.cfg), "rng": rng,
+                "world_size": 1}, root / tag / "rank-0.pt")
+    (root / tag / "COMPLETE").write_text(json.dumps({"step": engine.global_steps, **metrics}))
+    (root / "latest").write_text(tag)
+    return tag
+
+
+def test_a_checkpoint_in_the_previous_layout_resumes_exactly_and_exports(tmp_path, capsys):
+    tiny_trainer(tmp_path / "straight", *SHORT_RUN).train()
+    old = tiny_trainer(tmp_path / "old", *SHORT_RUN)
+    old.save = lambda metrics: save_in_previous_layout(old, metrics)
+    stop_after(old, 7)
+    old.train()
+    step_7 = tmp_path / "old" / "default" / "checkpoints" / "step-7"
+    assert export_main([str(step_7), "--out", str(tmp_path / "export")]) == 0
+    model = open_clip.create_model("local-dir:" + str(tmp_path / "export"))
+    assert model.logit_scale.shape == ()
+    tiny_trainer(tmp_path / "old", *SHORT_RUN, resume="latest").train()
+    assert_resume_matches(losses_by_step(tmp_path / "straight" / "default"), tmp_path / "old" / "default",
+                          resumed_from=7, last=12)
 
 
 def test_a_save_that_fails_half_way_leaves_latest_on_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -168,18 +236,15 @@ def test_keep_last_prunes_old_checkpoints_but_keeps_the_best(tmp_path):
     assert torch.load(checkpoints / "step-8" / "rank-0.pt", weights_only=False)["config"]["train"]["keep_last"] == 1
 
 
-def test_export_command_writes_safetensors_in_the_chosen_dtype(tmp_path):
+def test_export_command_writes_safetensors_in_the_chosen_dtype(tmp_path, capsys):
     tiny_trainer(tmp_path).train()
     out = tmp_path / "exported" / "model.safetensors"
-    result = subprocess.run([sys.executable, "-m", "dsclip.cli", "export", str(tmp_path / "default"), "--out", str(out),
-                             "--dtype", "bf16", "--safetensors"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=subprocess_env())
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert export_main([str(tmp_path / "default"), "--out", str(out), "--dtype", "bf16", "--safetensors"]) == 0
     from safetensors.torch import load_file
     weights = load_file(str(out))
     assert weights["visual.conv1.weight"].dtype == torch.bfloat16
     assert out.with_suffix(".json").is_file()
-    missing = subprocess.run([sys.executable, "-m", "dsclip.cli", "export", str(tmp_path / "nope")], cwd=REPO,
-                             capture_output=True, text=True, timeout=300, env=subprocess_env())
-    assert missing.returncode == 2
-    assert "dsclip: error: checkpoint" in missing.stderr and "not found" in missing.stderr
+    capsys.readouterr()
+    assert export_main([str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsclip: error: checkpoint") and "not found" in err and err.count("\n") == 1

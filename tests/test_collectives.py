@@ -11,7 +11,7 @@ WORLD = 2
 def _compare(rank: int) -> dict:
     from deepspeed import comm
 
-    from dsclip.collectives import SharedExchange, SharedMemoryCollectives
+    from dsclip.loss.collectives import SharedExchange, SharedMemoryCollectives
     backend = comm.comm.cdb
     generator = torch.Generator().manual_seed(rank)
     n = 2_500_003  # odd, and larger than one chunk of the shared-memory kernel
@@ -67,7 +67,7 @@ def _compare(rank: int) -> dict:
     small.all_gather(in_rounds, shard)
     results["all_gather_rounds"] = torch.equal(in_rounds, gloo_gathered)
 
-    from dsclip import collectives
+    from dsclip.loss import collectives
     create_file = collectives._create_file
     collectives._create_file = lambda path, size: False  # as when /dev/shm is too small (rank 0 decides)
     try:
@@ -95,8 +95,9 @@ def _loss_through_shared_memory(rank: int, backend) -> dict:
     import torch.nn.functional as F
     from deepspeed import comm
 
-    from dsclip import collectives
-    from dsclip.loss import LossConfig, build_loss
+    from dsclip.loss import collectives
+    from dsclip.loss.config import LossConfig
+    from dsclip.loss.contrastive import build_loss
     loss_fn = build_loss(LossConfig(kind="clip", impl="torch_tiled"))
 
     def loss_and_grads() -> list[torch.Tensor]:
@@ -125,6 +126,7 @@ def results(tmp_path_factory) -> list[dict]:
     return run_on_ranks(_compare, WORLD, tmp_path_factory.mktemp("collectives"))
 
 
+@pytest.mark.multiprocess
 def test_ranks_on_one_host_route_through_shared_memory(results):
     assert all(r["routed"] and "torch.float32" in r["dtypes"] for r in results)
 
@@ -133,20 +135,24 @@ def test_ranks_on_one_host_route_through_shared_memory(results):
                                 "all_reduce_small_min_int", "reduce_scatter", "reduce_scatter_keeps_input",
                                 "reduce_scatter_in_place", "all_gather", "reduce_scatter_rounds",
                                 "all_gather_rounds"])
+@pytest.mark.multiprocess
 def test_results_equal_gloo_bit_for_bit(results, op):
     assert all(r[op] for r in results)
 
 
+@pytest.mark.multiprocess
 def test_without_room_in_dev_shm_no_rank_uses_the_exchange(results):
     assert all(r["no_room_no_exchange_on_any_rank"] for r in results)
 
 
+@pytest.mark.multiprocess
 def test_tiled_loss_runs_its_collectives_through_shared_memory(results):
     for r in results:
         assert r["loss_collectives_on_shared_memory"] == 4  # texts, column stats, loss gradients, text gradients
         assert r["loss_equals_gloo"]
 
 
+@pytest.mark.multiprocess
 def test_bf16_sums_equal_gloo_where_the_kernel_supports_it(results):
     if "all_reduce_bf16" not in results[0]:
         pytest.skip("this CPU lacks AVX-512BW: bf16 stays on gloo")

@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 
 from dsclip.config import load_config
-from dsclip.engine import load_ds_config
-from dsclip.trainer import Trainer
-from dsclip_testutils import REPO, ds_config, init_single_rank, read_metrics, subprocess_env
+from dsclip.training.ds_config import load_ds_config
+from dsclip_testutils import REPO, ds_config, init_single_rank, make_trainer, read_metrics, subprocess_env
 from test_webdata import jpeg, write_shards
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
@@ -16,6 +15,7 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.
 
 @pytest.mark.skipif(not FASHION_MNIST.is_file(), reason="Debian package dataset-fashion-mnist is not installed "
                     "(apt-get install dataset-fashion-mnist; .ci/run installs it)")
+@pytest.mark.multiprocess
 def test_fashion_mnist_shards_fine_tune_well_above_chance(tmp_path):
     shards = tmp_path / "fashion"
     made = subprocess.run([sys.executable, "-m", "dsclip.cli", "make-shards", "fashion-mnist", "--out", str(shards),
@@ -28,7 +28,7 @@ def test_fashion_mnist_shards_fine_tune_well_above_chance(tmp_path):
         "data.kind=webdataset", f'data.webdataset.urls=["{shards}/shard-{{000000..000003}}.tar"]',
         "data.batch_size=32", "optim.warmup_steps=10", "train.export=false", f"output_dir={tmp_path}",
         "eval.zeroshot=[{name: fashion, source: fashion-mnist, split: test, max_samples: 500}]"])
-    Trainer(cfg, load_ds_config(str(ds_config(3, tmp_path)))).train()
+    make_trainer(cfg, load_ds_config(str(ds_config(3, tmp_path)))).train()
     evals = [r for r in read_metrics(tmp_path / "default") if "eval/fashion/top1" in r]
     assert evals[0]["eval/fashion/top1"] < 20, "chance is 10%"
     assert evals[-1]["eval/fashion/top1"] >= 35, evals
@@ -42,13 +42,14 @@ def test_a_run_over_a_corrupt_jpeg_and_an_empty_caption_completes_and_reports_tw
                              "data.webdataset.shuffle_buffer=0", "optim.warmup_steps=1", "train.export=false",
                              "eval.at_start=false", "eval.at_end=false", "logging.log_every=1",
                              f"output_dir={tmp_path}"])
-    trainer = Trainer(cfg, load_ds_config(str(ds_config(3, tmp_path))))
+    trainer = make_trainer(cfg, load_ds_config(str(ds_config(3, tmp_path))))
     trainer.train()
     records = read_metrics(tmp_path / "default")
     assert records[-1]["data/skipped_samples"] == 2
     assert trainer.data.skipped()["bad_image"] == 1 and trainer.data.skipped()["no_caption"] == 1
 
 
+@pytest.mark.multiprocess
 def test_a_missing_shard_is_one_clear_error(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "dsclip" / "train.py"), "--set", "data.kind=webdataset",
                              "--set", f'data.webdataset.urls=["{tmp_path}/absent-{{0..3}}.tar"]',

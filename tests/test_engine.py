@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from dsclip.config import load_config
-from dsclip.engine import (DeepSpeedConfigError, OptimConfig, TowerOptimConfig, check_sections, load_ds_config,
-                           lr_factor, param_groups, resolve_ds_config, resolve_precision)
-from dsclip.trainer import recipe_values
+from dsclip.errors import DeepSpeedConfigError
+from dsclip.training.config import OptimConfig, TowerOptimConfig
+from dsclip.training.ds_config import check_sections, for_run, load_ds_config, recipe_values, resolve_ds_config
+from dsclip.training.optim import lr_factor, param_groups
 from dsclip_testutils import REPO
 
 
@@ -19,7 +20,7 @@ def shipped(name: str) -> dict:
 @pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
 def test_shipped_configs_resolve_every_auto_from_the_recipe(name):
     cfg = load_config(None, ["data.batch_size=16", "train.grad_accum_steps=2", "optim.lr=1e-4"])
-    ds = resolve_precision(resolve_ds_config(shipped(name), recipe_values(cfg, world_size=4)))
+    ds = for_run(shipped(name), cfg, world_size=4)
     assert ds["train_micro_batch_size_per_gpu"] == 16
     assert ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 16 * 2 * 4

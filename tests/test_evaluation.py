@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from dsclip.config import load_config
-from dsclip.engine import load_ds_config
-from dsclip.evaluation import SyntheticLabelled, ZeroShotTask
-from dsclip.synthetic import SyntheticConfig
-from dsclip.trainer import Trainer
-from dsclip_testutils import REPO, ds_config, free_port, init_single_rank, read_metrics, subprocess_env
+from dsclip.data import synthetic
+from dsclip.eval.config import ZeroShotTask
+from dsclip.training.ds_config import load_ds_config
+from dsclip_testutils import REPO, ds_config, free_port, init_single_rank, make_trainer, read_metrics, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -22,28 +21,29 @@ def trained_weights(tmp_path_factory):
     init_single_rank()
     cfg = load_config(None, ["train.max_steps=30", "optim.warmup_steps=5", "data.batch_size=32",
                              "eval.at_start=false", "eval.at_end=false", f"output_dir={tmp_path}"])
-    Trainer(cfg, load_ds_config(str(ds_config(3, tmp_path)))).train()
+    make_trainer(cfg, load_ds_config(str(ds_config(3, tmp_path)))).train()
     return tmp_path / "default" / "export"
 
 
 def plain_open_clip_top1(export_dir, num_samples: int) -> float:
-    """Encode, normalise, average prompts, argmax: with nothing from dsclip but the image set."""
+    """Encode, normalise, average prompts, argmax: with nothing from dsclip but the drawn images,
+    which open_clip's own eval transform brings to the model's size."""
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{export_dir}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{export_dir}")
     model.eval()
     task = ZeroShotTask()
-    dataset = SyntheticLabelled(SyntheticConfig(eval_samples=num_samples), seed=0, transform=preprocess,
-                                render_size=64)
+    samples = [synthetic.render_sample(synthetic.EVAL_SEED_OFFSET, i, 12, 64) for i in range(num_samples)]
     with torch.no_grad():
-        prompts = [[t.replace("{}", c) for t in task.templates] for c in dataset.class_names]
+        prompts = [[t.replace("{}", c) for t in task.templates] for c in synthetic.class_names(12)]
         text = model.encode_text(tokenizer([p for ps in prompts for p in ps]), normalize=True)
         classes = torch.nn.functional.normalize(text.view(len(prompts), len(task.templates), -1).mean(1), dim=-1)
-        images = torch.stack([dataset[i][0] for i in range(num_samples)])
-        labels = torch.tensor([dataset[i][1] for i in range(num_samples)])
+        images = torch.stack([preprocess(image) for image, _, _ in samples])
+        labels = torch.tensor([label for _, _, label in samples])
         predicted = (model.encode_image(images, normalize=True) @ classes.T).argmax(dim=1)
     return 100 * (predicted == labels).double().mean().item()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_zeroshot_accuracy_equals_plain_open_clip(trained_weights, tmp_path, ranks):
     out = tmp_path / "metrics.json"
@@ -72,7 +72,7 @@ def test_run_with_periodic_eval_writes_every_sink_and_the_forgetting_table(tmp_p
         "eval.batch_size=64", "data.synthetic.eval_samples=64",
         "eval.zeroshot=[{name: shapes}, {name: fashion, source: fashion-mnist, max_samples: 64}]",
         "eval.retrieval=[{name: pairs, source: synthetic, max_samples: 64}]", "eval.forgetting.general=[fashion]"])
-    Trainer(cfg, load_ds_config(str(ds_config(3, tmp_path)))).train()
+    make_trainer(cfg, load_ds_config(str(ds_config(3, tmp_path)))).train()
     run_dir = tmp_path / "default"
     evals = [r for r in read_metrics(run_dir) if "eval/shapes/top1" in r]
     assert [r["step"] for r in evals] == [0, 2, 4, 6]

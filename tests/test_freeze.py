@@ -6,10 +6,10 @@ import pytest
 import torch
 from open_clip.model import CLIP, CustomTextCLIP
 
-from dsclip.freeze import (FreezeConfig, ImageFreezeConfig, TextFreezeConfig, apply_freeze, check_lr,
-                           format_summary, recommended_lr_range, summarize_freeze)
+from dsclip.model.config import FreezeConfig, ImageFreezeConfig, TextFreezeConfig
+from dsclip.model.freeze import apply_freeze, check_lr, format_summary, recommended_lr_range, summarize_freeze
 
-MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "dsclip" / "model_configs"
+MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "dsclip" / "model" / "configs"
 VISION = dict(image_size=32, patch_size=8, width=32, layers=4, head_width=16)
 TEXT = dict(context_length=8, vocab_size=100, width=32, heads=2, layers=3)
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-import dsclip.model  # noqa: F401  registers dsclip's model configs with open_clip
 from dsclip_testutils import ds_config, launch, read_metrics
 
 POS = "visual.positional_embedding"
@@ -56,6 +55,7 @@ def check_export(pretrained, export, name: str, new_size: int, grid: int) -> Non
     assert features.shape == (2, model.visual.output_dim) and torch.isfinite(features).all()
 
 
+@pytest.mark.multiprocess
 def test_two_rank_zero3_high_res_run_exports_what_plain_open_clip_loads_at_the_new_size(tmp_path):
     """dsclip-tiny 32 -> 48 px: the 4x4 patch grid becomes 6x6."""
     pretrained, export = high_res_run(tmp_path, "dsclip-tiny", 32, 48, "data.batch_size=8")

@@ -94,7 +94,8 @@ def test_cuda_kernels_match_twin(b, n_cols, d, dtype):
 def test_cuda_loss_matches_open_clip(kind, b, d):
     from open_clip.loss import ClipLoss, SigLipLoss
 
-    from dsclip.loss import LossConfig, build_loss
+    from dsclip.loss.config import LossConfig
+    from dsclip.loss.contrastive import build_loss
     image, texts, scale, bias, *_ = _case(b, b, d, torch.float32)
     results = []
     for loss_fn in (build_loss(LossConfig(kind=kind, impl="triton")),

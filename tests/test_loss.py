@@ -6,7 +6,6 @@ gradients compared per rank and logit scale / bias gradients after data-parallel
 """
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -15,7 +14,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from dsclip.loss import LossConfig, TiledContrastiveLoss, build_loss
+from dsclip.loss.config import LossConfig
+from dsclip.loss.contrastive import TiledContrastiveLoss, build_loss
+from dsclip.training.bootstrap import free_port
 from kernels.contrastive import INTERPRET
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # fp32 acceptance
@@ -143,13 +144,11 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_rank_errors(tmp_path_factory) -> list[dict]:
     out_dir = str(tmp_path_factory.mktemp("two_ranks"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_rank_worker, args=(2, port, out_dir), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, free_port(), out_dir), nprocs=2, join=True)
     return [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(2)]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", TWO_RANK_CASES, ids=[f"{c[0]}-{c[1]}-b{c[2]}-d{c[3]}" for c in TWO_RANK_CASES])
 def test_two_ranks_match_open_clip_after_averaging(two_rank_errors, case):
     for rank, errors in enumerate(two_rank_errors):
@@ -157,6 +156,7 @@ def test_two_ranks_match_open_clip_after_averaging(two_rank_errors, case):
         assert all(err <= TOL["atol"] for err in worst.values()), f"rank {rank} max abs errors: {worst}"
 
 
+@pytest.mark.multiprocess
 def test_unequal_local_batches_are_a_clear_error(two_rank_errors):
     for errors in two_rank_errors:
         assert "equal local batches" in errors["unequal"]

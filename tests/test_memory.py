@@ -3,7 +3,7 @@ import open_clip
 import pytest
 import torch
 
-from dsclip import memory
+from dsclip.training import memory
 from dsclip_testutils import run_on_ranks
 
 WORLD = 2
@@ -45,6 +45,7 @@ def states(tmp_path_factory) -> list[dict]:
     return run_on_ranks(_engine_states, WORLD, tmp_path_factory.mktemp("memory"))
 
 
+@pytest.mark.multiprocess
 def test_zero0_holds_everything_on_every_rank(states):
     for rank in states:
         s, p = rank["0"], rank["0"]["numel"] * 4
@@ -52,6 +53,7 @@ def test_zero0_holds_everything_on_every_rank(states):
         assert (s["params"], s["grads"], s["optimizer"]) == (p, p, 2 * p + steps)
 
 
+@pytest.mark.multiprocess
 def test_zero2_shards_grads_and_optimizer_but_not_params(states):
     for rank in states:
         s, p = rank["2"], rank["2"]["numel"] * 4
@@ -60,6 +62,7 @@ def test_zero2_shards_grads_and_optimizer_but_not_params(states):
         assert s["optimizer"] == pytest.approx(3 * p / WORLD, rel=0.01)  # fp32 master copy + two moments
 
 
+@pytest.mark.multiprocess
 def test_zero3_shards_params_grads_and_optimizer(states):
     for rank in states:
         s, p = rank["3"], rank["3"]["numel"] * 4
@@ -69,6 +72,7 @@ def test_zero3_shards_params_grads_and_optimizer(states):
         assert s["optimizer"] == pytest.approx(3 * p / WORLD, rel=0.01)
 
 
+@pytest.mark.multiprocess
 def test_plain_module_counts_params_grads_and_adam_moments(states):
     s, p = states[0]["plain"], states[0]["plain"]["numel"] * 4
     # only logit_scale was stepped: its two moments (4 bytes each) and its step count
@@ -90,14 +94,15 @@ def test_peak_rss_rises_past_the_old_peak_with_a_touched_allocation():
 
 KEEP_FREED = """
 import torch
-from dsclip import memory
+from dsclip.training import memory
+from dsclip.training.bootstrap import keep_freed_host_memory
 MB = 2 ** 20
 def freed_and_still_resident():
     before = memory.rss_bytes()
     block = torch.ones(128 * MB // 4)  # above glibc's largest default mmap threshold (32 MB)
     del block
     return (memory.rss_bytes() - before) // MB
-print(freed_and_still_resident(), memory.keep_freed_host_memory(), freed_and_still_resident())
+print(freed_and_still_resident(), keep_freed_host_memory(), freed_and_still_resident())
 """
 
 

@@ -81,6 +81,7 @@ def fake_command(folder: Path, name: str, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
+@pytest.mark.multiprocess
 def test_multinode_sh_without_ssh_reproduces_the_single_node_losses(single_node_losses, tmp_path):
     """Two `launch/multinode.sh` copies, NODE_RANK 0 and 1 (--no_ssh), on a 2-node hostfile."""
     out = tmp_path / "out"
@@ -92,6 +93,7 @@ def test_multinode_sh_without_ssh_reproduces_the_single_node_losses(single_node_
     assert losses(out) == pytest.approx(single_node_losses, abs=1e-6)
 
 
+@pytest.mark.multiprocess
 def test_multinode_sh_fails_clearly_without_a_hostfile(tmp_path):
     result = subprocess.run([str(REPO / "launch" / "multinode.sh")], cwd=tmp_path, capture_output=True, text=True,
                             env=script_env(tmp_path, HOSTFILE=str(tmp_path / "missing")))

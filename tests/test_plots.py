@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from dsclip.plots import plot_metrics, read_metric_series
+from dsclip.report.plots import plot_metrics, read_metric_series
 
 
 def write_jsonl(path, records, tail=""):

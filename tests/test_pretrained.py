@@ -10,8 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dsclip.model import ModelConfig, build_model
-from dsclip.pretrained import PretrainedError, load_pretrained, read_source
+from dsclip.model.build import build_model
+from dsclip.model.config import ModelConfig
+from dsclip.errors import PretrainedError
+from dsclip.model.pretrained import load_pretrained, read_source
 from dsclip_testutils import REPO
 
 
@@ -70,11 +72,12 @@ torch.jit.save(scripted, sys.argv[3])
 """
 
 
+@pytest.mark.multiprocess
 def test_openai_torchscript_checkpoint_loads(reference, tmp_path):
     # A fresh interpreter: once a ZeRO-3 engine exists in a process, DeepSpeed has patched F.linear
     # with an autograd Function that TorchScript cannot compile.
     torch.save(reference, tmp_path / "reference.pt")
-    subprocess.run([sys.executable, "-c", SCRIPT_A_CLIP, str(REPO / "dsclip" / "model_configs"),
+    subprocess.run([sys.executable, "-c", SCRIPT_A_CLIP, str(REPO / "dsclip" / "model" / "configs"),
                     str(tmp_path / "reference.pt"), str(tmp_path / "openai-style.pt")], check=True, timeout=300)
     assert_same_weights(loaded_weights(str(tmp_path / "openai-style.pt")), reference)
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from dsclip.config import load_config, read_recipe
-from dsclip.freeze import FULL_WARMUP_STEPS, recommended_lr_range
+from dsclip.model.freeze import FULL_WARMUP_STEPS, recommended_lr_range
 from dsclip_testutils import REPO, ds_config, launch, read_metrics
 
 RECIPE_DIR = REPO / "launch" / "recipes"
@@ -149,6 +149,7 @@ def run_two_steps(recipe: str, tmp_path: Path) -> list[dict]:
 
 # Default run: one recipe exercising the most machinery (partial freeze, per-tower layer decay);
 # test_multinode.py runs medical.yaml on 2 ranks too. The slow test runs all of them.
+@pytest.mark.multiprocess
 def test_representative_recipe_runs_two_steps_on_two_ranks(tmp_path):
     records = run_two_steps("conservative.yaml", tmp_path)
     assert [r["step"] for r in records] == [1, 2]

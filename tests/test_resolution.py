@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP, CustomTextCLIP, resize_pos_embed, resize_text_pos_embed as oc_resize_text
 
-from dsclip.resolution import (fit_pos_embeds, grid_for, resize_text_pos_embed, resize_vision_pos_embed,
+from dsclip.model.pos_embed import (fit_pos_embeds, grid_for, resize_text_pos_embed, resize_vision_pos_embed,
                                vision_grid)
 
 VISION = dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16)
@@ -31,7 +31,7 @@ def test_vit_b32_224_to_336_equals_open_clip_resize_on_load(vit_b32_state_dict, 
     reference = dict(vit_b32_state_dict)
     resize_pos_embed(reference, model_336)
 
-    with caplog.at_level(logging.INFO, logger="dsclip.resolution"):
+    with caplog.at_level(logging.INFO, logger="dsclip.model.pos_embed"):
         ours = resize_vision_pos_embed(vit_b32_state_dict, grid_for(model_336))
     assert "grid 7x7 -> 10x10 (1 prefix tokens" in caplog.text
     assert ours["visual.positional_embedding"].shape == (101, 768)
@@ -111,7 +111,7 @@ def test_text_context_length_change_equals_open_clip(custom_text, caplog):
     reference = dict(source)
     oc_resize_text(reference, target)
 
-    with caplog.at_level(logging.INFO, logger="dsclip.resolution"):
+    with caplog.at_level(logging.INFO, logger="dsclip.model.pos_embed"):
         ours = resize_text_pos_embed(source, 24)
     assert f"resizing {key}: 16 -> 24 positions" in caplog.text
     assert torch.equal(ours[key], reference[key])
@@ -124,7 +124,7 @@ def test_grid_for_model_and_configs(caplog):
     b32 = open_clip.get_model_config("ViT-B-32")
     assert grid_for(b32) == (7, 7)
     assert grid_for(b32["vision_cfg"], (224, 320)) == (7, 10)
-    with caplog.at_level(logging.WARNING, logger="dsclip.resolution"):
+    with caplog.at_level(logging.WARNING, logger="dsclip.model.pos_embed"):
         assert grid_for(b32, 336) == (10, 10)
     assert "not a multiple of patch size" in caplog.text
     assert grid_for(tiny_clip(32)) == (4, 4)

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsclip.retrieval import forgetting_table, retrieval_metrics, topk_correct, zeroshot_classifier_weights
-from dsclip.templates import IMAGENET_TEMPLATES, SIMPLE_TEMPLATES, check_templates, load_class_prompts
+from dsclip.eval.forgetting import forgetting_table
+from dsclip.eval.metrics import retrieval_metrics, topk_correct, zeroshot_classifier_weights
+from dsclip.data.templates import IMAGENET_TEMPLATES, SIMPLE_TEMPLATES, check_templates, load_class_prompts
 
 
 def brute_force_ranks(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -80,7 +81,7 @@ def test_retrieval_metrics_rejects_bad_input(images, texts, message):
 MEMORY_PROBE = textwrap.dedent("""
     import json, resource, sys
     import torch
-    from dsclip.retrieval import retrieval_metrics
+    from dsclip.eval.metrics import retrieval_metrics
 
     def peak_mib():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dsclip.shards import FASHION_MNIST_DIR, OPENCLIPART_DIR, Sample, open_source, write_shards
-from dsclip.webdata import WebDataConfig, build_webdataset_loader
+from dsclip.data.shard_writer import write_shards
+from dsclip.data.sources import FASHION_MNIST_DIR, OPENCLIPART_DIR, Sample, open_source
+from dsclip.data.config import WebDataConfig
+from dsclip.data.shards import build_webdataset_loader
 
 
 def save_png(path: Path, value: int, mode: str = "RGB") -> None:
@@ -49,7 +51,7 @@ class CountingSource:
 def test_folder_source_writes_shards_manifest_and_labels(tmp_path):
     make_folder(tmp_path / "src")
     manifest = write_shards(open_source(str(tmp_path / "src"), templates=["a photo of a {}."]), str(tmp_path / "out"),
-                            per_shard=4, image_size=20, progress=False)
+                            per_shard=4, image_size=20)
     assert [s["samples"] for s in manifest["shards"]] == [4, 4, 2] and manifest["total"] == 10 and manifest["complete"]
     assert manifest["class_names"] == ["ankle boot", "sandal"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
@@ -62,7 +64,7 @@ def test_folder_source_writes_shards_manifest_and_labels(tmp_path):
 
 def test_shards_read_back_through_the_loader_with_manifest_counts(tmp_path):
     make_folder(tmp_path / "src")
-    write_shards(open_source(str(tmp_path / "src")), str(tmp_path / "out"), per_shard=3, progress=False)
+    write_shards(open_source(str(tmp_path / "src")), str(tmp_path / "out"), per_shard=3)
     transform = lambda img: torch.zeros(3, 4, 4)  # noqa: E731
     tokenizer = lambda texts: torch.tensor([[len(t)] for t in texts])  # noqa: E731
     cfg = WebDataConfig(urls=[str(tmp_path / "out" / "shard-{000000..000003}.tar")])
@@ -74,18 +76,18 @@ def test_rerun_after_interruption_skips_finished_shards(tmp_path):
     make_folder(tmp_path / "src")
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        write_shards(CountingSource(open_source(str(tmp_path / "src")), fail_at=6), str(out), per_shard=4, progress=False)
+        write_shards(CountingSource(open_source(str(tmp_path / "src")), fail_at=6), str(out), per_shard=4)
     partial = json.loads((out / "manifest.json").read_text())
     assert [s["name"] for s in partial["shards"]] == ["shard-000000.tar"] and not partial["complete"]
-    assert (out / ".shard-000001.tar.tmp").exists() and not (out / "shard-000001.tar").exists()
+    assert not (out / "shard-000001.tar").exists() and not list(out.glob(".shard-*")), "no half shard is left"
     first = (out / "shard-000000.tar").stat().st_mtime_ns
     source = CountingSource(open_source(str(tmp_path / "src")))
-    manifest = write_shards(source, str(out), per_shard=4, progress=False)
+    manifest = write_shards(source, str(out), per_shard=4)
     assert source.loads == 6  # shard 0 was not rewritten
     assert (out / "shard-000000.tar").stat().st_mtime_ns == first
     assert manifest["total"] == 10 and manifest["complete"]
     with pytest.raises(ValueError, match="other settings"):
-        write_shards(open_source(str(tmp_path / "src")), str(out), per_shard=5, progress=False)
+        write_shards(open_source(str(tmp_path / "src")), str(out), per_shard=5)
 
 
 def test_csv_source_skips_and_counts_unusable_rows(tmp_path):
@@ -95,7 +97,7 @@ def test_csv_source_skips_and_counts_unusable_rows(tmp_path):
     rows = ["filepath,title", "img/a.png,first", "img/broken.jpg,broken", "img/missing.png,gone", "img/a.png,", "img/clipart.png,clip"]
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
     manifest = write_shards(open_source(str(tmp_path / "pairs.csv")), str(tmp_path / "out"), per_shard=10,
-                            image_format="png", progress=False)
+                            image_format="png")
     assert manifest["total"] == 2 and manifest["skipped"] == 3 and manifest["class_names"] is None
     files = members(tmp_path / "out" / "shard-000000.tar")
     assert files["000000004.txt"] == b"clip"

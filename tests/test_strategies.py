@@ -31,7 +31,7 @@ STRATEGIES = {  # case -> recipe overrides; dsclip-tiny: vision 2 blocks, text 1
     "partial": ["freeze.strategy=partial", "freeze.image.unlocked_groups=2", "freeze.text.unlocked_layers=1"],
     "lit": ["freeze.strategy=lit"],
 }
-SLOW_STRATEGIES = {  # LiT with the pretrained MiniLM tower (dsclip.hf_towers): 22M trainable parameters
+SLOW_STRATEGIES = {  # LiT with the pretrained MiniLM tower (dsclip.model.architectures): 22M trainable parameters
     "lit-minilm": ["model.name=dsclip-tiny-minilm", "model.context_length=12", "freeze.strategy=lit"],
 }
 TEXT_ROOTS = ("token_embedding", "positional_embedding", "transformer.", "ln_final.", "text_projection")
@@ -81,12 +81,14 @@ def drive(out: Path, cases: list[str]) -> None:
     import torch
     import torch.distributed as dist
     from dsclip.config import load_config
-    from dsclip.trainer import Trainer, init_distributed, quiet_libraries
+    from dsclip.training.bootstrap import init_distributed, quiet_libraries
+    from dsclip_testutils import make_trainer
     if "lit-minilm" in cases:
-        import dsclip.hf_towers  # noqa: F401  registers dsclip-tiny-minilm
+        from dsclip.model.architectures import registered
+        registered()  # dsclip-tiny-minilm
 
     quiet_libraries()
-    init_distributed()  # dsclip.trainer: also releases the /dev/shm names
+    init_distributed()  # also releases the /dev/shm names
     ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every parameter
     for case in cases:
@@ -94,7 +96,7 @@ def drive(out: Path, cases: list[str]) -> None:
         cfg = load_config(None, [*overrides, f"train.max_steps={STEPS}", "optim.warmup_steps=1", "data.batch_size=8",
                                  "eval.at_start=false", "eval.at_end=false", "train.export=false",
                                  "logging.plots=false", f"output_dir={out}", f"name={case}"])
-        trainer = Trainer(cfg, ds)
+        trainer = make_trainer(cfg, ds)
         before = full_parameters(trainer.engine)
         trainer.train()
         after = full_parameters(trainer.engine)
@@ -139,12 +141,14 @@ def check_optimizer_state(rank_facts: dict) -> None:
     assert rank_facts["state_elements"] == 2 * rank_facts["trainable_partition_elements"] > 0
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", STRATEGIES)
 def test_zero3_strategy_keeps_frozen_parameters_bit_identical_and_trains_the_rest(facts, case):
     for rank_facts in facts[case]:
         check_parameters(case, rank_facts)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", STRATEGIES)
 def test_zero3_optimizer_state_exists_only_for_trainable_parameters(facts, case):
     for rank_facts in facts[case]:

@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dsclip.tabular import CsvConfig, CsvDataset, FolderConfig, FolderDataset
+from dsclip.data.config import CsvConfig, FolderConfig
+from dsclip.data.files import CsvDataset, FolderDataset
 
 WIDTH = 48
 

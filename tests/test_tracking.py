@@ -4,8 +4,9 @@ import sys
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dsclip import tracking
-from dsclip.tracking import WANDB_RUN_ID_FILE, LoggingConfig, Tracker
+from dsclip.report import tracking
+from dsclip.report.config import LoggingConfig
+from dsclip.report.tracking import WANDB_RUN_ID_FILE, Tracker
 
 
 def scalars(run_dir, tag):

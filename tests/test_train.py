@@ -9,13 +9,18 @@ import pytest
 import torch
 
 from dsclip.config import load_config
-from dsclip.engine import load_ds_config, resolve_ds_config, resolve_precision, build_engine
-from dsclip.loss import LossConfig, build_loss
-from dsclip.model import ModelConfig, build_model
-from dsclip.trainer import Trainer, recipe_values
-from dsclip_testutils import REPO, ds_config, init_single_rank, launch, read_metrics, subprocess_env
+from dsclip.train import main as train_main
+from dsclip.loss.config import LossConfig
+from dsclip.loss.contrastive import build_loss
+from dsclip.model.build import build_model
+from dsclip.model.config import ModelConfig
+from dsclip.training.ds_config import for_run, load_ds_config
+from dsclip.training.engine import build_engine
+from dsclip.training.loop import Trainer
+from dsclip_testutils import REPO, ds_config, init_single_rank, launch, make_trainer, read_metrics, subprocess_env
 
 
+@pytest.mark.multiprocess
 def test_default_run_on_two_ranks_learns_the_synthetic_task(tmp_path):
     """The README's main job: no recipe, 2 CPU ranks, ZeRO-3; zero-shot top-1 >= 80% after."""
     result = launch(["--deepspeed_config", "ds_configs/zero3.json", "--output-dir", str(tmp_path)])
@@ -32,6 +37,7 @@ def test_default_run_on_two_ranks_learns_the_synthetic_task(tmp_path):
     assert "before ->" in result.stdout
 
 
+@pytest.mark.multiprocess
 def test_zero2_and_zero3_give_the_same_losses(tmp_path):
     args = ["--set", "train.max_steps=6", "--set", "optim.warmup_steps=2", "--set", "logging.log_every=1",
             "--set", "eval.at_start=false", "--set", "eval.at_end=false", "--set", "train.export=false",
@@ -50,7 +56,7 @@ def tiny_trainer(tmp_path, stage: int, *overrides: str) -> Trainer:
     init_single_rank()
     cfg = load_config(None, ["train.max_steps=3", "optim.warmup_steps=1", "data.batch_size=8",
                              "eval.at_start=false", "eval.at_end=false", f"output_dir={tmp_path}", *overrides])
-    return Trainer(cfg, load_ds_config(str(ds_config(stage, tmp_path))))
+    return make_trainer(cfg, load_ds_config(str(ds_config(stage, tmp_path))))
 
 
 @pytest.mark.parametrize("stage, overrides", [(3, []), (2, []), (3, ["model.image_size=48"])],
@@ -58,7 +64,7 @@ def tiny_trainer(tmp_path, stage: int, *overrides: str) -> Trainer:
 def test_export_loads_in_plain_open_clip_with_the_engines_embeddings(tmp_path, stage, overrides):
     trainer = tiny_trainer(tmp_path, stage, *overrides)
     trainer.train()
-    images, texts = next(iter(trainer.data.loader))
+    images, texts = next(trainer.data.epoch_batches(0))
     trainer.engine.eval()
     with torch.no_grad():
         engine_images, engine_texts, _, _ = trainer.engine(images=images, texts=texts)
@@ -85,7 +91,7 @@ def loss_and_grads(tmp_path, **model_flags) -> tuple[torch.Tensor, dict[str, tor
     torch.manual_seed(0)
     bundle = build_model(ModelConfig(**model_flags))
     cfg = load_config(None, ["data.batch_size=8"])
-    ds = resolve_precision(resolve_ds_config(load_ds_config(str(ds_config(3, tmp_path))), recipe_values(cfg, 1)))
+    ds = for_run(load_ds_config(str(ds_config(3, tmp_path))), cfg, world_size=1)
     engine = build_engine(bundle.module, ds, cfg.optim, total_steps=10)
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(8, 3, 32, 32, generator=generator)
@@ -112,15 +118,32 @@ def run_entry_point(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120, env=subprocess_env())
 
 
-@pytest.mark.parametrize("args, message", [
+BAD_INPUTS = [
     (["--set", "optim.lrr=1e-4"], "dsclip: error: unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
     (["--set", "data.batch_size=big"], "dsclip: error: data.batch_size: expected int, got 'big' (str)"),
     (["--deepspeed_config", "ds_configs/nope.json"],
      "dsclip: error: DeepSpeed config not found: ds_configs/nope.json (pass --deepspeed_config"),
     (["--recipe", "launch/recipes/missing.yaml"], "dsclip: error: recipe file not found: launch/recipes/missing.yaml"),
-])
-def test_bad_inputs_fail_with_one_clear_line(args, message):
+]
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("dsclip: error:")]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS)
+def test_bad_inputs_fail_with_one_clear_line(args, message, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert train_main(args) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+
+
+@pytest.mark.multiprocess
+def test_the_entry_script_reports_bad_input_in_one_line():
+    args, message = BAD_INPUTS[0]
     result = run_entry_point(*args)
     assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.startswith("dsclip: error:")]
+    lines = error_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

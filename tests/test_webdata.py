@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 import webdataset as wds
 from PIL import Image
 
-from dsclip.webdata import DataStallError, WebDataConfig, build_webdataset_loader
+from dsclip.data.config import WebDataConfig
+from dsclip.data.shards import DataStallError, build_webdataset_loader
 
 
 def jpeg(seed: int) -> bytes:
@@ -107,7 +108,7 @@ def test_corrupt_jpeg_and_empty_caption_are_skipped_and_counted(tmp_path, caplog
     bad = {2: {"jpg": jpeg(2)[:40]}, 5: {"txt": ""}}
     urls = write_shards(tmp_path / "d", n_shards=1, per_shard=10, bad=bad)
     dl = loader(WebDataConfig(urls=[urls], shuffle_buffer=0), num_workers=1)
-    with caplog.at_level(logging.WARNING, logger="dsclip.webdata"):
+    with caplog.at_level(logging.WARNING, logger="dsclip.data.shards"):
         ids = ids_of(dl)
     assert sorted(ids) == [0, 1, 3, 4, 6, 7, 8, 9]
     assert dl.skipped() == {"bad_image": 1, "empty_image": 0, "no_image": 0, "no_caption": 1, "bad_shard": 0}
@@ -129,7 +130,7 @@ def test_rank_short_of_batches_tops_up_to_the_planned_steps(tmp_path, caplog):
     bad = {i: {"jpg": b"not a jpeg"} for i in range(4)}
     urls = write_shards(tmp_path / "d", n_shards=1, per_shard=12, bad=bad)
     dl = loader(WebDataConfig(urls=[urls]), num_workers=1)
-    with caplog.at_level(logging.WARNING, logger="dsclip.webdata"):
+    with caplog.at_level(logging.WARNING, logger="dsclip.data.shards"):
         ids = ids_of(dl)
     assert len(dl) == 3 and len(ids) == 12 and set(ids) == set(range(4, 12))
     assert any("topping up" in r.getMessage() for r in caplog.records)
@@ -186,7 +187,7 @@ def test_resume_mid_epoch_reproduces_the_remaining_batches(tmp_path, resampled):
 def test_open_clip_transform_and_tokenizer_give_model_shapes(tmp_path):
     import open_clip
 
-    open_clip.add_model_config(Path(__file__).resolve().parents[1] / "dsclip" / "model_configs")
+    open_clip.add_model_config(Path(__file__).resolve().parents[1] / "dsclip" / "model" / "configs")
     _, preprocess_train, preprocess_val = open_clip.create_model_and_transforms("dsclip-tiny")
     tokenizer = open_clip.get_tokenizer("dsclip-tiny")
     urls = write_shards(tmp_path / "d", n_shards=2, per_shard=4)

@@ -17,9 +17,13 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from dsclip.config import load_config
-from dsclip.model import ModelConfig, build_model
-from dsclip.wiseft import (WiseFtConfig, WiseFtError, choose_alpha, load_endpoints, mix_into, parse_alphas,
-                           run_wise_ft, SweepRow, wiseft_main)
+from dsclip.model.build import build_model
+from dsclip.model.config import ModelConfig
+from dsclip.commands.wise_ft import main as wiseft_main
+from dsclip.ensemble.config import WiseFtConfig, parse_alphas
+from dsclip.ensemble.mixing import load_endpoints, mix_into
+from dsclip.ensemble.wiseft import SweepRow, choose_alpha, run_wise_ft
+from dsclip.errors import WiseFtError
 from dsclip_testutils import REPO, free_port, read_metrics, subprocess_env
 
 SMALL_EVAL = ["data.synthetic.eval_samples=48", "eval.batch_size=16",
@@ -105,7 +109,7 @@ def test_integer_buffers_come_from_the_nearer_endpoint_and_are_never_averaged():
 
 
 def test_different_architectures_fail_with_a_listing_of_the_differences(tmp_path, endpoints):
-    config = json.loads((REPO / "dsclip" / "model_configs" / "dsclip-tiny.json").read_text())
+    config = json.loads((REPO / "dsclip" / "model" / "configs" / "dsclip-tiny.json").read_text())
     config["embed_dim"], config["vision_cfg"]["layers"] = 32, 3
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "wiseft-other.json").write_text(json.dumps(config))
@@ -187,6 +191,7 @@ def sweep_on_rank(rank: int, port: int, zeroshot: str, finetuned: str, out_dir: 
         dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_shard_the_evaluation_and_agree_with_one_process(tmp_path, endpoints):
     zeroshot, finetuned = (str(p) for p in endpoints)
     mp.spawn(sweep_on_rank, args=(free_port(), zeroshot, finetuned, str(tmp_path / "two")), nprocs=2)
@@ -199,6 +204,7 @@ def test_two_ranks_shard_the_evaluation_and_agree_with_one_process(tmp_path, end
 
 
 # -- the recipe section, run by the trainer at the end of training -----------------------------------
+@pytest.mark.multiprocess
 def test_recipe_section_sweeps_between_pretrained_and_the_fine_tuned_export(tmp_path, endpoints):
     overrides = SMALL_EVAL + [f"model.pretrained={endpoints[0]}", "train.max_steps=4", "optim.warmup_steps=1",
                               "data.batch_size=16", "logging.plots=false", f"output_dir={tmp_path}", "name=run",

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dsclip import memory, zero3
+from dsclip.training import memory, zero3
 from dsclip_testutils import run_on_ranks
 
 WORLD = 2
@@ -59,7 +59,7 @@ def _zero3(rank: int) -> dict:
     import deepspeed
     from deepspeed.utils import z3_leaf_module
 
-    from dsclip import collectives
+    from dsclip.loss import collectives
     torch.manual_seed(0)
     model = open_clip.CLIP(**TINY, nonscalar_logit_scale=True)  # ZeRO-3 cannot partition a 0-d tensor
     blocks = zero3.mark_fetch_units(model, model)

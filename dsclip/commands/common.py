@@ -1,0 +1,54 @@
+"""What every command shares: the error guard, logging flags, the default DeepSpeed config and
+the weight flags."""
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from dsclip.errors import UserError
+from dsclip.logs import LEVELS, setup_logging
+
+DEFAULT_DS_CONFIG = "ds_configs/zero3.json"
+REPO_DS_CONFIG = Path(__file__).resolve().parents[2] / DEFAULT_DS_CONFIG
+
+
+def default_ds_config() -> str:
+    """ds_configs/zero3.json of the working directory, else the checkout dsclip runs from."""
+    return DEFAULT_DS_CONFIG if Path(DEFAULT_DS_CONFIG).is_file() or not REPO_DS_CONFIG.is_file() \
+        else str(REPO_DS_CONFIG)
+
+
+def add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", "--log_level", dest="log_level", choices=list(LEVELS), default="info",
+                        help="dsclip's messages at this level and above (rank 0; other ranks show warnings); "
+                        "debug also shows DeepSpeed's and open_clip's own lines")
+
+
+def add_ds_config(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                        default=default_ds_config(), help=help_text)
+
+
+def add_weight_flags(parser: argparse.ArgumentParser, pretrained_help: str) -> None:
+    parser.add_argument("--pretrained", metavar="SOURCE", help=pretrained_help)
+    parser.add_argument("--trust-checkpoint", action="store_true", help="allow pickled weight files that can run "
+                        "code when loaded (recipe key model.trust_checkpoint)")
+
+
+def weight_overrides(args: argparse.Namespace) -> list[str]:
+    """Recipe overrides for the shared weight flags (--pretrained, --trust-checkpoint)."""
+    overrides = [f"model.pretrained={args.pretrained}"] if args.pretrained else []
+    return overrides + (["model.trust_checkpoint=true"] if args.trust_checkpoint else [])
+
+
+def guarded(args: argparse.Namespace, command: Callable[[], int]) -> int:
+    """Set up logging, then run a command; a user error becomes one line on stderr (from one
+    rank) and exit status 2."""
+    setup_logging(args.log_level)
+    try:
+        return command()
+    except (UserError, FileNotFoundError) as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"dsclip: error: {e}", file=sys.stderr)
+        return 2

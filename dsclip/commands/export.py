@@ -1,0 +1,39 @@
+"""`dsclip export`: merge a run's DeepSpeed checkpoint into weights plain open_clip loads."""
+import argparse
+import logging
+from pathlib import Path
+
+from dsclip.commands.common import add_log_level, guarded
+
+log = logging.getLogger(__name__)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsclip export",
+                                description="Merge a DeepSpeed checkpoint into weights plain open_clip loads.")
+    p.add_argument("ckpt", help="a run folder (its latest checkpoint), its checkpoints/ folder, or a step-N folder")
+    p.add_argument("--out", type=Path, help="a folder (open_clip HF layout, loadable as 'local-dir:OUT') or a "
+                   "weights file (.bin/.pt/.safetensors, config beside it as .json); default <run>/export")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="tensor dtype (default fp32)")
+    p.add_argument("--safetensors", action="store_true", help="write safetensors instead of a torch pickle")
+    add_log_level(p)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    return guarded(args, lambda: export(args))
+
+
+def export(args: argparse.Namespace) -> int:
+    from dsclip.model.run_folder import CHECKPOINTS, resolve_checkpoint
+    from dsclip.training.checkpoint import run_config_of
+    from dsclip.training.export import DTYPES, export_checkpoint
+
+    root, tag = resolve_checkpoint(args.ckpt, Path(args.ckpt) / CHECKPOINTS)
+    cfg = run_config_of(root, tag)
+    log.info("merging the ZeRO shards of %s", root / tag)
+    weights = export_checkpoint(root, tag, cfg.model, args.out or root.parent / "export", DTYPES[args.dtype],
+                                args.safetensors)
+    log.info("exported %s to %s", root / tag, weights)
+    return 0

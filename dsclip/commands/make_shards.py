@@ -1,0 +1,43 @@
+"""`dsclip make-shards`: write WebDataset shards + manifest.json from a local source."""
+import argparse
+import logging
+
+from dsclip.commands.common import add_log_level, guarded
+
+log = logging.getLogger(__name__)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsclip make-shards",
+                                description="Write WebDataset shards + manifest.json from a local source.")
+    p.add_argument("src", help="a .csv/.tsv file, an image folder (one subfolder per class), "
+                   "'fashion-mnist' or 'openclipart' (Debian packages)")
+    p.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar and manifest.json")
+    p.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--image-size", type=int, default=0, help="resize the shorter side to this; 0 keeps it")
+    p.add_argument("--split", choices=["train", "test"], default="train", help="split of fashion-mnist")
+    p.add_argument("--format", choices=["jpg", "png"], default="jpg", help="image encoding in the shards")
+    p.add_argument("--image-column", default="filepath", help="CSV column with image paths")
+    p.add_argument("--caption-column", default="title", help="CSV column with captions")
+    p.add_argument("--limit", type=int, default=0, help="write only the first N samples (0 = all)")
+    add_log_level(p)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    return guarded(args, lambda: make_shards(args))
+
+
+def make_shards(args: argparse.Namespace) -> int:
+    from dsclip.data.shard_writer import write_shards
+    from dsclip.data.sources import FirstSamples, open_source
+
+    source = open_source(args.src, split=args.split, image_column=args.image_column,
+                         caption_column=args.caption_column)
+    if args.limit:
+        source = FirstSamples(source, args.limit)
+    manifest = write_shards(source, args.out, per_shard=args.per_shard, image_size=args.image_size,
+                            image_format=args.format)
+    log.info("wrote %d shards, %d samples, to %s", len(manifest["shards"]), manifest["total"], args.out)
+    return 0

@@ -1,0 +1,55 @@
+"""`dsclip wise-ft`: evaluate WiSE-FT mixes of a zero-shot and a fine-tuned model over a range of
+alphas and save the chosen one; one process (CPU, or one GPU when present)."""
+import argparse
+from pathlib import Path
+
+from dsclip.commands.common import add_log_level, guarded
+from dsclip.config import load_config
+from dsclip.ensemble.config import DEFAULT_ALPHAS, WiseFtConfig, parse_alphas
+from dsclip.errors import ConfigError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dsclip wise-ft", description="WiSE-FT: evaluate (1 - alpha) * zero-shot + alpha * fine-tuned weights "
+        "over a range of alphas and save the chosen mix as an open_clip model.")
+    p.add_argument("--zeroshot", required=True, metavar="SOURCE", help="alpha = 0 weights: open_clip tag, "
+                   "weights file, HF-style folder, hf-hub:org/name or dsclip run folder (as --pretrained)")
+    p.add_argument("--finetuned", required=True, metavar="SOURCE", help="alpha = 1 weights (same kinds)")
+    p.add_argument("--alphas", default=DEFAULT_ALPHAS, help=f"start:stop:step (stop included), a comma "
+                   f"list or one number; default {DEFAULT_ALPHAS}")
+    p.add_argument("--eval", dest="recipe", metavar="RECIPE", help="recipe YAML whose model: section names the "
+                   "architecture and whose eval: section the evals (eval.forgetting.general: the general ones); "
+                   "default: the embedded default recipe")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set 'eval.forgetting.general=[shapes]' (repeatable)")
+    p.add_argument("--save-alpha", type=float, help="alpha whose weights are saved (one of --alphas); default: "
+                   "the best mean of task and general score")
+    p.add_argument("--out", type=Path, help="chosen weights: a folder ('local-dir:OUT') or a .bin/.pt/"
+                   ".safetensors file; default REPORT_DIR/export")
+    p.add_argument("--report-dir", type=Path, help="folder for wise_ft.md/.json/.png; default <run dir of the "
+                   "recipe>/wise_ft")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled weight files that can run "
+                   "code when loaded")
+    add_log_level(p)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    return guarded(args, lambda: wise_ft(args))
+
+
+def wise_ft(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + (["model.trust_checkpoint=true"] if args.trust_checkpoint else [])
+    run_cfg = load_config(args.recipe, overrides)
+    from dsclip.ensemble.wiseft import run_wise_ft, split_tasks
+    try:
+        cfg = WiseFtConfig(enabled=True, alphas=parse_alphas(args.alphas), save_alpha=args.save_alpha)
+        cfg.validate()
+        split_tasks(run_cfg.eval)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("wise_ft.alphas", "--alphas").replace("wise_ft.save_alpha", "--save-alpha"))
+    run_wise_ft(cfg, run_cfg, args.zeroshot, args.finetuned, args.report_dir or run_cfg.run_dir / "wise_ft",
+                weights_out=args.out)
+    return 0

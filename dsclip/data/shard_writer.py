@@ -1,0 +1,99 @@
+"""make-shards: write WebDataset shards (jpg/png + txt + json per sample) and a manifest.json from any
+source of dsclip.data.sources.
+
+Shard i holds source samples [i * per_shard, (i + 1) * per_shard) minus unusable ones, so a re-run skips every
+shard whose final file exists: each shard is written under a temporary name and renamed once complete, and the
+manifest is rewritten after every shard.
+"""
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any, Literal
+
+import webdataset as wds
+from PIL import Image
+
+from dsclip.data.shards import MANIFEST
+from dsclip.data.sources import Source
+from dsclip.fileio import atomic_write, atomic_write_text
+from dsclip.logs import progress
+
+def _encode(image: Image.Image, image_size: int, image_format: str) -> bytes:
+    if image_size > 0:
+        scale = image_size / min(image.size)  # shorter side to image_size; the train transform crops later
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=95) if image_format == "jpg" else image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _count_keys(path: Path) -> int:
+    """Samples in a finished shard (for a shard the manifest does not list yet)."""
+    with tarfile.open(path) as tar:
+        return len({Path(n).name.split(".", 1)[0] for n in tar.getnames()})
+
+
+def _load_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    path = out / MANIFEST
+    if not path.exists():
+        return {**settings, "shards": [], "total": 0, "skipped": 0, "complete": False}
+    manifest = json.loads(path.read_text())
+    differ = {k: (manifest.get(k), v) for k, v in settings.items() if manifest.get(k) != v}
+    if differ:
+        raise ValueError(f"{out} holds shards written with other settings {differ} (existing, requested): "
+                         "write to a new --out folder or delete it")
+    return manifest
+
+
+def write_shards(source: Source, out_dir: str, *, per_shard: int = 1000, image_size: int = 0,
+                 image_format: Literal["jpg", "png"] = "jpg") -> dict[str, Any]:
+    """Write shard-000000.tar ... and manifest.json into out_dir; returns the manifest.
+
+    manifest.json: {"source", "per_shard", "image_size", "image_format", "class_names", "shards": [{"name",
+    "samples"}], "total", "skipped", "complete"}. dsclip.data.shards reads per-shard counts from it.
+    """
+    if per_shard < 1 or image_size < 0 or image_format not in ("jpg", "png"):
+        raise ValueError(f"make-shards: per_shard={per_shard} must be >= 1, image_size={image_size} >= 0, "
+                         f"image_format={image_format!r} one of jpg/png")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"source": source.name, "samples_in_source": len(source), "per_shard": per_shard,
+                "image_size": image_size, "image_format": image_format, "class_names": source.class_names}
+    manifest = _load_manifest(out, settings)
+    done = {s["name"]: s for s in manifest["shards"]}
+    n_shards = (len(source) + per_shard - 1) // per_shard
+    for shard in progress(range(n_shards), total=n_shards, desc="make-shards"):
+        name = f"shard-{shard:06d}.tar"
+        if (out / name).exists():
+            done.setdefault(name, {"name": name, "samples": _count_keys(out / name), "skipped": 0})
+            continue
+        indices = range(shard * per_shard, min(len(source), (shard + 1) * per_shard))
+        counts = {}
+        atomic_write(out / name, lambda path: counts.update(_write_tar(path, source, indices, image_size, image_format)))
+        done[name] = {"name": name, **counts}
+        _save_manifest(out, manifest, done, complete=False)
+    return _save_manifest(out, manifest, done, complete=True)
+
+
+def _write_tar(path: str, source: Source, indices: range, image_size: int, image_format: str) -> dict[str, int]:
+    """One shard of `indices` at `path`; returns its sample and skip counts."""
+    samples = skipped = 0
+    with wds.TarWriter(path) as writer:
+        for index in indices:
+            sample = source.load(index)
+            if sample is None:
+                skipped += 1
+                continue
+            writer.write({"__key__": f"{index:09d}", image_format: _encode(sample.image, image_size, image_format),
+                          "txt": sample.caption, "json": sample.meta})
+            samples += 1
+    return {"samples": samples, "skipped": skipped}
+
+
+def _save_manifest(out: Path, manifest: dict[str, Any], done: dict[str, dict], complete: bool) -> dict[str, Any]:
+    shards = [done[k] for k in sorted(done)]
+    manifest.update(shards=shards, total=sum(s["samples"] for s in shards), skipped=sum(s["skipped"] for s in shards),
+                    complete=complete)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest

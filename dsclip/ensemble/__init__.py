@@ -1,0 +1,1 @@
+"""Weight-space ensembling: WiSE-FT mixes of a zero-shot and a fine-tuned model."""

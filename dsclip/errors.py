@@ -1,0 +1,29 @@
+"""Errors a user can fix: each names what is wrong and how to fix it.
+
+Commands turn any `UserError` into one line on stderr and exit status 2; anything else is a
+bug and keeps its traceback. This module imports nothing, so every layer may raise them.
+"""
+
+
+class UserError(ValueError):
+    """Bad input: a recipe, a flag, a file. The message says where and how to fix it."""
+
+
+class ConfigError(UserError):
+    """A recipe or override the user must fix; the message says where and how."""
+
+
+class DeepSpeedConfigError(UserError):
+    """The DeepSpeed config file is missing, unreadable or contradicts the recipe."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint to resume or export is missing, incomplete or does not fit this run."""
+
+
+class PretrainedError(UserError):
+    """The pretrained source cannot be found, read or trusted, or does not fit the architecture."""
+
+
+class WiseFtError(PretrainedError):
+    """The two weight sources cannot be mixed (different architectures)."""

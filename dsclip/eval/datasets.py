@@ -1,0 +1,109 @@
+"""Evaluation image sets: items are (image tensor, label, caption); label -1 when unknown."""
+import io
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import Dataset
+
+from dsclip.data import synthetic
+from dsclip.data.config import CsvConfig, SyntheticConfig
+from dsclip.data.loader import ModelInputs
+from dsclip.data.shards import expand_urls, read_manifest
+from dsclip.data.sources import FASHION_MNIST_DIR, CsvSource, FashionMnistSource, FolderSource, Source
+from dsclip.data.templates import SIMPLE_TEMPLATES, load_class_prompts
+from dsclip.eval.config import RetrievalTask, ZeroShotTask
+
+
+class SyntheticLabelled(Dataset):
+    """The held-out synthetic images, rendered the way training renders them."""
+
+    def __init__(self, cfg: SyntheticConfig, seed: int, model: ModelInputs):
+        self.cfg, self.seed, self.image_size = cfg, seed + synthetic.EVAL_SEED_OFFSET, model.image_size
+        self.normalize = synthetic.Normalize(model.image_mean, model.image_std)
+        self.class_names = synthetic.class_names(cfg.num_classes)
+
+    def __len__(self) -> int:
+        return self.cfg.eval_samples
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any, str]:
+        images, captions, labels = synthetic.render(self.seed, [index], self.cfg.num_classes, self.image_size)
+        return self.normalize(images)[0], labels[0], captions[0]
+
+
+class SourceImages(Dataset):
+    """(image, label, caption) from a data source (Fashion-MNIST, image folder, CSV)."""
+
+    def __init__(self, source: Source, transform: Callable):
+        self.source, self.transform, self.class_names = source, transform, source.class_names
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any, str]:
+        sample = self.source.load(index)
+        if sample is None:
+            raise ValueError(f"evaluation image {index} of {self.source.name} cannot be read")
+        return self.transform(sample.image), sample.meta.get("label", -1), sample.caption
+
+
+class ShardPairs(Dataset):
+    """Samples of WebDataset shards held in memory (evaluation sets are small): image bytes,
+    caption and, when the sample's .json has one, its label; class names from manifest.json."""
+
+    def __init__(self, pattern: str, transform: Callable, max_samples: int):
+        urls = [u for source in pattern.split("::") for u in expand_urls(source)]
+        missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+        if missing:
+            raise FileNotFoundError(f"evaluation shard {missing[0]} not found")
+        self.transform, self.samples = transform, []
+        for sample in wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False):
+            image = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+            caption = sample.get("txt", b"").decode("utf-8").strip()
+            if image is not None:
+                self.samples.append((image, meta.get("label", -1), caption))
+            if max_samples and len(self.samples) >= max_samples:
+                break
+        manifest = read_manifest(str(Path(urls[0]).parent)) if "://" not in urls[0] else {}
+        self.class_names = manifest.get("class_names") if isinstance(manifest, dict) else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any, str]:
+        image, label, caption = self.samples[index]
+        with Image.open(io.BytesIO(image)) as img:
+            return self.transform(img.convert("RGB")), label, caption
+
+
+def eval_dataset(task: ZeroShotTask | RetrievalTask, model: ModelInputs, synthetic_cfg: SyntheticConfig,
+                 seed: int) -> Dataset:
+    """The image set of a zero-shot or retrieval task."""
+    if task.source == "synthetic":
+        return SyntheticLabelled(synthetic_cfg, seed, model)
+    if task.source == "webdataset":
+        return ShardPairs(task.path, model.eval_transform, task.max_samples)
+    if task.source == "fashion-mnist":
+        source = FashionMnistSource(task.path or FASHION_MNIST_DIR, task.split, list(SIMPLE_TEMPLATES))
+    elif task.source == "folder":
+        source = FolderSource(task.path, list(SIMPLE_TEMPLATES))
+    else:
+        source = CsvSource(CsvConfig(path=task.path))
+    return SourceImages(source, model.eval_transform)
+
+
+def prompts_for(task: ZeroShotTask, dataset: Dataset) -> tuple[list[str], list[str]]:
+    """(class names, templates): from the task's class file, else the data set's own names."""
+    templates = task.template_set() or task.templates
+    if task.classes:
+        prompts = load_class_prompts(task.classes)
+        return prompts.classes, prompts.templates if task.templates == list(SIMPLE_TEMPLATES) else templates
+    names = getattr(dataset, "class_names", None)
+    if not names:
+        raise ValueError(f"eval.zeroshot '{task.name}': {task.source} at {task.path!r} names no classes; "
+                         "give a class file in eval.zeroshot[].classes")
+    return names, templates

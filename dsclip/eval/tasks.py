@@ -1,0 +1,144 @@
+"""Evaluation during and after training: zero-shot classification, image-text retrieval and
+validation loss, each sharded over all ranks in lockstep and run through the engine (or any
+module with the ContrastiveModel call signature).
+
+ZeRO-3 gathers parameters collectively inside every forward, so every rank makes the same
+number of forwards: shards are padded to equal length and the padding is masked out.
+"""
+import math
+from typing import Callable, Iterator, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset
+
+from dsclip.data.config import SyntheticConfig
+from dsclip.data.loader import ModelInputs
+from dsclip.eval.config import EvalConfig
+from dsclip.eval.datasets import eval_dataset, prompts_for
+from dsclip.eval.metrics import retrieval_metrics, topk_correct, zeroshot_classifier_weights
+from dsclip.logs import progress
+from dsclip.metric_keys import LOSS, TOP1, TOP5, eval_key
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def encode_shard(model, dataset: Dataset, limit: int, batch_size: int, device: torch.device, dtype: torch.dtype,
+                 tokenizer: Optional[Callable] = None, desc: str = "") -> Iterator[tuple]:
+    """This rank's share of `dataset` (index rank::world), padded so every rank makes the same
+    forwards. Yields (image features, text features or None, logit scale, labels, valid mask,
+    whether the batch holds no padding on any rank) per batch."""
+    rank, world = rank_and_world()
+    size = min(len(dataset), limit) if limit else len(dataset)
+    per_rank = math.ceil(size / world)
+    indices = [rank + world * i for i in range(per_rank)]
+    starts = range(0, per_rank, batch_size)
+    for start in progress(starts, total=len(starts), desc=desc):
+        chunk = indices[start:start + batch_size]
+        items = [dataset[i if i < size else 0] for i in chunk]  # padding repeats sample 0
+        images = torch.stack([item[0] for item in items]).to(device, dtype)
+        texts = tokenizer([item[2] for item in items]).to(device) if tokenizer else None
+        image_features, text_features, logit_scale, logit_bias = model(images=images, texts=texts)
+        last_index_any_rank = chunk[-1] - rank + world - 1  # the same batch position on the last rank
+        yield (image_features.float(), None if text_features is None else text_features.float(),
+               logit_scale.float(), torch.tensor([item[1] for item in items]),
+               torch.tensor([i < size for i in chunk], device=image_features.device), last_index_any_rank < size)
+
+
+class ZeroShotEval:
+    """Top-1/top-5 accuracy of prompt-built class embeddings on a labelled image set."""
+
+    def __init__(self, name: str, dataset: Dataset, class_names: list[str], templates: list[str],
+                 tokenizer: Callable, batch_size: int, max_samples: int = 0):
+        self.name, self.dataset, self.batch_size, self.max_samples = name, dataset, batch_size, max_samples
+        prompts = [t.replace("{}", c) for c in class_names for t in templates]
+        self.prompt_tokens = tokenizer(prompts)  # (classes * templates, context)
+        self.num_classes, self.num_templates = len(class_names), len(templates)
+
+    def run(self, model, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+        text = model(texts=self.prompt_tokens.to(device))[1].float()
+        classifier = zeroshot_classifier_weights(text.view(self.num_classes, self.num_templates, -1))
+        counts = torch.zeros(3, dtype=torch.float64, device=text.device)  # top-1 hits, top-5 hits, images
+        for features, _, _, labels, valid, _ in encode_shard(model, self.dataset, self.max_samples, self.batch_size,
+                                                             device, dtype, desc=f"eval {self.name}"):
+            logits, labels = (features @ classifier)[valid], labels.to(valid.device)[valid]
+            hits = topk_correct(logits, labels, ks=(1, 5))
+            counts += torch.tensor([hits["top1"], hits["top5"], len(labels)], dtype=torch.float64, device=counts.device)
+        if dist.is_initialized():
+            dist.all_reduce(counts)  # 3 numbers per evaluation
+        top1, top5, total = counts.tolist()
+        return {eval_key(self.name, TOP1): 100 * top1 / total, eval_key(self.name, TOP5): 100 * top5 / total}
+
+
+class RetrievalEval:
+    """Image->text and text->image recall and ranks over paired captions, plus the validation
+    contrastive loss (mean over batches of the loss the trainer optimises)."""
+
+    def __init__(self, name: str, dataset: Dataset, tokenizer: Callable, batch_size: int, max_samples: int,
+                 loss_fn: Callable):
+        self.name, self.dataset, self.tokenizer = name, dataset, tokenizer
+        self.batch_size, self.max_samples, self.loss_fn = batch_size, max_samples, loss_fn
+
+    def run(self, model, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+        images, texts, losses = [], [], []
+        for image_f, text_f, scale, _, valid, unpadded in encode_shard(
+                model, self.dataset, self.max_samples, self.batch_size, device, dtype, self.tokenizer,
+                desc=f"eval {self.name}"):
+            images.append(image_f[valid])
+            texts.append(text_f[valid])
+            if unpadded:  # the loss is collective and padding would add duplicate pairs
+                losses.append(self.loss_fn(image_f, text_f, scale).detach())
+        image_features, text_features = gather_rows(torch.cat(images)), gather_rows(torch.cat(texts))
+        metrics = retrieval_metrics(image_features, text_features)
+        if losses:  # each rank's local loss; their mean over ranks is the global validation loss
+            loss = torch.stack(losses).mean()
+            if dist.is_initialized():
+                dist.all_reduce(loss)
+                loss /= dist.get_world_size()
+            metrics[LOSS] = loss.item()
+        return {eval_key(self.name, key): value for key, value in metrics.items()}
+
+
+Evaluation = Union[ZeroShotEval, RetrievalEval]
+
+
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows (uneven counts allowed), in rank order: N x d floats, a few MB for eval sets."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    counts = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([len(local)]))
+    largest = int(max(c.item() for c in counts))
+    padded = torch.zeros(largest, local.shape[1], dtype=local.dtype, device=local.device)
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:int(c.item())] for part, c in zip(parts, counts)])
+
+
+def build_evals(cfg: EvalConfig, model: ModelInputs, synthetic_cfg: SyntheticConfig, seed: int,
+                loss_fn: Callable) -> list[Evaluation]:
+    evals: list[Evaluation] = []
+    for task in cfg.zeroshot:
+        dataset = eval_dataset(task, model, synthetic_cfg, seed)
+        names, templates = prompts_for(task, dataset)
+        evals.append(ZeroShotEval(task.name, dataset, names, templates, model.tokenizer, cfg.batch_size,
+                                  task.max_samples))
+    for task in cfg.retrieval:
+        dataset = eval_dataset(task, model, synthetic_cfg, seed)
+        evals.append(RetrievalEval(task.name, dataset, model.tokenizer, cfg.batch_size, task.max_samples, loss_fn))
+    return evals
+
+
+@torch.no_grad()
+def run_evals(evals: list[Evaluation], model, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """Every evaluation, on every rank, with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    metrics: dict[str, float] = {}
+    for evaluation in evals:
+        metrics.update(evaluation.run(model, device, dtype))
+    model.train(was_training)
+    return metrics

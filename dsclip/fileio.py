@@ -1,0 +1,34 @@
+"""The one way dsclip replaces a file: atomically (readers see the old file or the new one, never
+half of either) and durably (on disk before the new name is visible)."""
+import os
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(target: Path, write: Callable[[str], None]) -> None:
+    """`write(tmp_path)` fills a temporary file beside `target`; it is synced, then renamed over
+    `target`, then the folder is synced so the rename survives a power cut."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    sync_folder(target.parent)
+
+
+def atomic_write_text(target: Path, text: str) -> None:
+    atomic_write(target, lambda path: Path(path).write_text(text))
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, so that names created or renamed in it are on disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

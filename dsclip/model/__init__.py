@@ -1,0 +1,2 @@
+"""The model: architectures by name, building, initial weights, position-embedding resize,
+freeze masks and the layer partition they share."""

@@ -1,0 +1,157 @@
+"""Initial weights for fine-tuning (`--pretrained`): model weights only, never training state.
+
+Sources: an open_clip pretrained tag for the architecture (open_clip's loader and cache), a
+local weights file (open_clip state dict .pt/.bin/.safetensors, OpenAI's TorchScript CLIP, a
+dsclip export), a Hugging Face hub style folder (open_clip_config.json + weights),
+`hf-hub:org/name` from the local HF cache, or a dsclip run / checkpoint folder.
+"""
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import open_clip
+import torch
+from open_clip.convert import convert_state_dict
+from open_clip.factory import load_state_dict as open_clip_read_weights
+from open_clip.model import convert_to_custom_text_state_dict
+from torch import nn
+
+from dsclip.errors import PretrainedError
+from dsclip.model.pos_embed import fit_pos_embeds
+from dsclip.model.run_folder import CHECKPOINTS, consolidated_state_dict, is_run_folder, resolve_checkpoint
+from dsclip.model.weights import CONFIG_FILE, HF_WEIGHT_FILES
+
+log = logging.getLogger(__name__)
+
+HF_PREFIX = "hf-hub:"
+
+
+def load_pretrained(clip: nn.Module, model_name: str, source: str, trust: bool = False) -> None:
+    """Load `source` into the bare open_clip model in place (before ZeRO partitions it)."""
+    state_dict = read_source(model_name, source, trust)
+    incompatible = load_into(clip, state_dict, source)
+    if incompatible.missing_keys:
+        log.warning("pretrained %s: %d parameters not in the file keep the weights the architecture was created with: %s", source,
+                    len(incompatible.missing_keys), ", ".join(incompatible.missing_keys[:8]))
+    if incompatible.unexpected_keys:
+        log.warning("pretrained %s: %d tensors in the file are not used by %s: %s", source,
+                    len(incompatible.unexpected_keys), model_name, ", ".join(incompatible.unexpected_keys[:8]))
+
+
+def read_source(model_name: str, source: str, trust: bool) -> dict[str, torch.Tensor]:
+    if source.startswith(HF_PREFIX):
+        return read_file(hf_cache_weights(source[len(HF_PREFIX):], model_name), trust)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return read_folder(path, model_name, trust)
+    if path.is_file():
+        return read_file(path, trust)
+    if open_clip.get_pretrained_cfg(model_name, source):
+        return read_file(Path(download_tag(model_name, source)), trust)
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    raise PretrainedError(
+        f"pretrained source '{source}' is neither a file, a folder nor an open_clip tag of {model_name}"
+        + (f" (its tags: {', '.join(tags)})" if tags else " (open_clip knows no tags for it)"))
+
+
+def download_tag(model_name: str, tag: str) -> str:
+    """open_clip's own download into its cache (a cache hit needs no network)."""
+    try:
+        return open_clip.download_pretrained(open_clip.get_pretrained_cfg(model_name, tag))
+    except Exception as e:  # network, hub and HTTP errors all mean the same to the user
+        raise PretrainedError(
+            f"pretrained tag '{tag}' of {model_name} is not in the local cache and could not be downloaded "
+            f"({type(e).__name__}); download its weights where there is network and pass the file: "
+            f"--pretrained /path/to/open_clip_model.safetensors") from None
+
+
+def hf_cache_weights(repo_id: str, model_name: str) -> Path:
+    from huggingface_hub import snapshot_download
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        raise PretrainedError(
+            f"hf-hub:{repo_id} is not in the local Hugging Face cache and dsclip does not download at run time: "
+            f"run `huggingface-cli download {repo_id}` where there is network, or pass the folder") from None
+    return weights_in_folder(folder, model_name)
+
+
+def read_folder(folder: Path, model_name: str, trust: bool) -> dict[str, torch.Tensor]:
+    """An HF-hub style model folder, or a dsclip run / checkpoints folder."""
+    if is_run_folder(folder):
+        root, tag = resolve_checkpoint(str(folder), folder / CHECKPOINTS)
+        return consolidated_state_dict(root, tag)
+    return read_file(weights_in_folder(folder, model_name), trust)
+
+
+def weights_in_folder(folder: Path, model_name: str) -> Path:
+    config_file = folder / CONFIG_FILE
+    if config_file.is_file():
+        check_architecture(open_clip.get_model_config(f"local-dir:{folder}"), model_name, str(folder))
+    for name in HF_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise PretrainedError(f"{folder} holds none of {', '.join(HF_WEIGHT_FILES)}: not an open_clip model folder")
+
+
+def check_architecture(folder_cfg: dict, model_name: str, where: str) -> None:
+    """The folder's architecture must be model.name's; image size and context length may differ
+    (they are interpolated on load)."""
+    expected = open_clip.get_model_config(model_name)
+
+    def shape_of(cfg: dict) -> dict:
+        vision = {k: v for k, v in cfg.get("vision_cfg", {}).items() if k != "image_size"}
+        text = {k: v for k, v in cfg.get("text_cfg", {}).items() if k != "context_length"}
+        return {"embed_dim": cfg.get("embed_dim"), "vision_cfg": vision, "text_cfg": text}
+
+    if shape_of(folder_cfg) != shape_of(expected):
+        raise PretrainedError(f"{where} holds a different architecture than model.name={model_name}: "
+                              "set model.name to the architecture the weights were trained with")
+
+
+def read_file(path: Path, trust: bool) -> dict[str, torch.Tensor]:
+    """Weights only: safetensors, TorchScript archives (OpenAI's CLIP releases; TorchScript's loader
+    builds only tensors and TorchScript types), or torch.load(weights_only=True) unless trusted."""
+    if is_torchscript(path):
+        state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
+        return {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    try:
+        return open_clip_read_weights(str(path), weights_only=not trust)
+    except pickle.UnpicklingError:
+        raise PretrainedError(
+            f"{path} contains pickled Python objects that could run code when loaded; refusing it. "
+            "If you trust its origin, pass --trust-checkpoint (recipe: model.trust_checkpoint: true)") from None
+    except (RuntimeError, OSError, ValueError) as e:
+        raise PretrainedError(f"cannot read weights from {path}: {str(e).splitlines()[0]}") from None
+
+
+def is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
+
+
+def load_into(clip: nn.Module, state_dict: dict[str, torch.Tensor], source: str):
+    """open_clip's conversions (third-party layouts, custom-text naming, scalar vs 1-element
+    logit scale), position embeddings fitted to this model's grid and context, then a
+    non-strict load whose leftovers the caller reports."""
+    state_dict = convert_state_dict(clip, state_dict)
+    if "positional_embedding" in state_dict and not hasattr(clip, "positional_embedding"):
+        state_dict = convert_to_custom_text_state_dict(state_dict)
+    for key in ("logit_scale", "logit_bias"):
+        target: Optional[torch.Tensor] = getattr(clip, key, None)
+        if key in state_dict and target is not None:
+            state_dict[key] = state_dict[key].reshape(target.shape)
+    state_dict = fit_pos_embeds(state_dict, clip)
+    if not set(state_dict) & set(clip.state_dict()):
+        raise PretrainedError(f"{source} shares no parameter names with {type(clip).__name__}: "
+                              "not an open_clip / OpenAI CLIP state dict of this model")
+    try:
+        return clip.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:
+        mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise PretrainedError(f"{source} does not fit this architecture ({mismatch}): set model.name to the "
+                              "architecture the weights were trained with") from None

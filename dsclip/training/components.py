@@ -1,0 +1,74 @@
+"""Everything a run trains with, built in order from the recipe: the model (and its freeze mask),
+the data, the DeepSpeed engine, the loss, the evaluations, the checkpoint manager and the
+metric sinks; restored from a checkpoint when resuming."""
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from dsclip.config import RunConfig, to_dict
+from dsclip.data.loader import TrainData, build_train_data
+from dsclip.eval.tasks import Evaluation, build_evals
+from dsclip.loss.contrastive import build_loss
+from dsclip.model.build import ModelBundle, build_model
+from dsclip.model.freeze import apply_freeze, check_lr, format_summary
+from dsclip.report.tracking import Tracker
+from dsclip.training.checkpoint import CheckpointManager
+from dsclip.training.ds_config import for_run, precision
+from dsclip.training.engine import build_engine
+from dsclip.training.resume import find_resume_point, restore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunParts:
+    cfg: RunConfig
+    engine: Any  # deepspeed.DeepSpeedEngine around the ContrastiveModel
+    data: TrainData
+    loss_fn: nn.Module
+    evals: list[Evaluation]
+    checkpoints: CheckpointManager
+    tracker: Tracker
+    total_steps: int  # optimizer steps of the whole run
+    input_dtype: torch.dtype  # images go to the engine in this dtype
+    epoch: int  # the epoch training continues in (0 for a new run)
+
+
+def build_run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] = None) -> RunParts:
+    """Call on every rank once the process group exists (training/bootstrap.py)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    point = find_resume_point(resume, cfg, rank, world) if resume else None
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    bundle = build_model(cfg.model, load_weights=point is None)
+    apply_strategy(cfg, bundle)
+    data = build_train_data(cfg.data, bundle, rank, world, cfg.seed)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * data.steps_per_epoch // cfg.train.grad_accum_steps
+    ds = for_run(ds_config, cfg, world)
+    engine = build_engine(bundle.module, ds, cfg.optim, total_steps)
+    loss_fn = build_loss(cfg.loss)
+    evals = build_evals(cfg.eval, bundle, cfg.data.synthetic, cfg.seed, loss_fn)
+    epoch = 0
+    if point is not None:
+        epoch = restore(engine, data, point)
+        log.info("resumed %s: step %d, epoch %d", point.tag, engine.global_steps, epoch)
+    if rank == 0:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    checkpoints = CheckpointManager(cfg.run_dir / "checkpoints", cfg.train.keep_last, cfg.train.best_metric,
+                                    cfg.train.best_mode)
+    tracker = Tracker(cfg.logging, cfg.run_dir, to_dict(cfg), rank == 0, resume=point is not None)
+    return RunParts(cfg, engine, data, loss_fn, evals, checkpoints, tracker, total_steps, precision(ds), epoch)
+
+
+def apply_strategy(cfg: RunConfig, bundle: ModelBundle) -> None:
+    """Freeze before the engine exists, so frozen parameters never get optimizer state."""
+    summary = apply_freeze(bundle.module.clip, cfg.freeze)
+    log.info("%s", format_summary(summary))
+    warning = check_lr(cfg.freeze.strategy, cfg.optim.lr) if cfg.model.pretrained else None
+    if warning:  # from random weights a high lr is right; it only wrecks pretrained features
+        log.warning("%s", warning)

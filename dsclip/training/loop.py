@@ -1,0 +1,171 @@
+"""The fine-tuning loop: optimizer steps over the data, with logging, evaluation, checkpoints and
+a clean stop on a preemption signal; at the end the final evaluation, save, export and report.
+Building what it runs is training/components.py."""
+import logging
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from dsclip import metric_keys as keys
+from dsclip.config import to_dict
+from dsclip.eval.forgetting import forgetting_report
+from dsclip.eval.tasks import run_evals
+from dsclip.training import memory
+from dsclip.training.components import RunParts
+from dsclip.training.export import export_checkpoint
+
+log = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption, SLURM's warning before the time limit
+
+
+class Trainer:
+    """Runs one run's parts; every method is called on all ranks in lockstep."""
+
+    def __init__(self, parts: RunParts):
+        self.parts, self.cfg, self.engine, self.data = parts, parts.cfg, parts.engine, parts.data
+        self.epoch, self._batches = parts.epoch, None
+        self.is_main = dist.get_rank() == 0
+        self.stop_requested, self.model_state_logged = False, False
+
+    @property
+    def total_steps(self) -> int:
+        return self.parts.total_steps
+
+    def train(self) -> dict[str, float]:
+        """Train to `total_steps` (or a stop signal); returns the last evaluation's metrics."""
+        before = self.evaluate() if self.cfg.eval.at_start and self.engine.global_steps == 0 else {}
+        self.install_stop_handlers()
+        last_log = (time.perf_counter(), self.engine.global_steps)
+        while self.engine.global_steps < self.total_steps:
+            loss, logit_scale, lr = self.optimizer_step()
+            step = self.engine.global_steps
+            if step % self.cfg.logging.log_every == 0 or step == self.total_steps:
+                last_log = self.log_progress(step, loss, logit_scale, lr, last_log)
+            metrics = self.evaluate() if self.eval_due(step) else {}
+            if self.stop_agreed():
+                self.save(metrics)
+                log.info("stop signal: saved step %d; resume with --resume latest", step)
+                self.parts.tracker.close()
+                return metrics
+            if self.save_due(step):
+                self.save(metrics)
+        return self.finish(before)
+
+    def optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step over `grad_accum_steps` micro-batches: (this rank's mean loss, the
+        logit scale, the lr the step used)."""
+        accum = self.cfg.train.grad_accum_steps
+        loss_sum = torch.zeros(())
+        for _ in range(accum):
+            loss, logit_scale = self.micro_step(*self.next_batch())
+            loss_sum += loss
+            lr = max(self.engine.get_lr())  # step() moves the schedule on at the accumulation boundary
+            self.engine.step()  # DeepSpeed counts micro-batches here; the optimizer steps on the last
+        return loss_sum / accum, logit_scale, lr
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next micro-batch; the data position advances with it, across epochs."""
+        if self._batches is None:
+            self._batches = self.data.epoch_batches(self.epoch)
+        batch = next(self._batches, None)
+        if batch is None:
+            self.epoch += 1
+            self._batches = self.data.epoch_batches(self.epoch)
+            batch = next(self._batches)
+        return batch
+
+    def micro_step(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.engine.device
+        image_features, text_features, logit_scale, logit_bias = self.engine(
+            images=images.to(device, self.parts.input_dtype), texts=texts.to(device))
+        loss = self.parts.loss_fn(image_features.float(), text_features.float(), logit_scale.float(),
+                                  None if logit_bias is None else logit_bias.float())
+        self.engine.backward(loss)
+        return loss.detach().cpu(), logit_scale.detach().cpu()
+
+    def eval_due(self, step: int) -> bool:
+        every = self.cfg.eval.every_steps
+        return bool(every) and step % every == 0 and step < self.total_steps
+
+    def save_due(self, step: int) -> bool:
+        periodic = self.cfg.train.save_every and step % self.cfg.train.save_every == 0
+        return step < self.total_steps and bool(periodic or self.data.at_epoch_end())
+
+    def evaluate(self) -> dict[str, float]:
+        metrics = run_evals(self.parts.evals, self.engine, self.engine.device, self.parts.input_dtype)
+        if metrics:
+            self.parts.tracker.log(self.engine.global_steps, metrics)
+            log.info("%s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    def save(self, metrics: dict[str, float]) -> str:
+        state = {"epoch": self.epoch, "data": self.data.state_dict(), "config": to_dict(self.cfg)}
+        return self.parts.checkpoints.save(self.engine, state, metrics)
+
+    def finish(self, before: dict[str, float]) -> dict[str, float]:
+        """The last evaluation, checkpoint and export, the before/after report, the sinks closed."""
+        after = self.evaluate() if self.cfg.eval.at_end else {}
+        tag = self.save(after)
+        if self.cfg.train.export:
+            self.export(tag)
+        self.report(before, after)
+        self.parts.tracker.close()
+        return after
+
+    def export(self, tag: str) -> None:
+        if self.is_main:
+            weights = export_checkpoint(self.parts.checkpoints.root, tag, self.cfg.model, self.cfg.run_dir / "export")
+            log.info("exported open_clip weights to %s", weights)
+        dist.barrier()
+
+    # -- preemption -------------------------------------------------------------------------
+    def install_stop_handlers(self) -> None:
+        def request_stop(signum, frame):
+            self.stop_requested = True
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, request_stop)
+
+    def stop_agreed(self) -> bool:
+        """All ranks stop at the same step if any rank got a stop signal (all-reduce of 1 int)."""
+        flag = torch.tensor([int(self.stop_requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # -- reporting --------------------------------------------------------------------------
+    def log_progress(self, step: int, loss: torch.Tensor, logit_scale: torch.Tensor, lr: float,
+                     last_log: tuple[float, int]) -> tuple[float, int]:
+        loss = loss.clone()
+        dist.all_reduce(loss)  # 1 float: the step's loss averaged over ranks
+        loss = loss.item() / dist.get_world_size()
+        now = time.perf_counter()
+        then, then_step = last_log
+        global_batch = self.cfg.data.batch_size * self.cfg.train.grad_accum_steps * dist.get_world_size()
+        rate = (step - then_step) * global_batch / max(now - then, 1e-9)
+        eta = (now - then) / max(1, step - then_step) * (self.total_steps - step)
+        metrics = {keys.TRAIN_LOSS: loss, keys.TRAIN_LR: lr, keys.TRAIN_LOGIT_SCALE: logit_scale.item(),
+                   keys.TRAIN_SAMPLES_PER_S: rate, keys.TRAIN_EPOCH: self.epoch,
+                   keys.SKIPPED_SAMPLES: sum(self.data.skipped().values()),
+                   keys.PEAK_RSS_MB: memory.peak_rss_bytes() / 2**20}
+        if not self.model_state_logged:  # after the first step: AdamW creates its moments lazily
+            metrics.update({keys.memory_key(k): v / 2**20 for k, v in memory.state_bytes(self.engine).items()})
+            self.model_state_logged = True
+        self.parts.tracker.log(step, metrics)
+        log.info("step %d/%d loss %.4f lr %.3g logit_scale %.2f %.0f samples/s eta %.0fs", step, self.total_steps,
+                 loss, lr, logit_scale.item(), rate, eta)
+        return now, step
+
+    def report(self, before: dict[str, float], after: dict[str, float]) -> None:
+        """Headline zero-shot numbers, and the forgetting table when the run evaluated at both ends."""
+        for key in after:
+            if key in before and keys.eval_metric(key) == keys.TOP1:
+                log.info("%s: %.2f%% before -> %.2f%% after", key, before[key], after[key])
+        if before and after:
+            table, warnings = forgetting_report(self.cfg.eval.forgetting, before, after)
+            log.info("before / after fine-tuning (general evals: %s)\n%s",
+                     ", ".join(self.cfg.eval.forgetting.general) or "none named", table.rstrip())
+            if self.is_main:
+                (self.cfg.run_dir / "forgetting.md").write_text(table + "\n")
+            for warning in warnings:
+                log.warning("%s", warning)
