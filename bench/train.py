@@ -14,7 +14,7 @@ Systems, each run in fresh processes (one per rank; gloo on CPU, nccl on CUDA):
   zero0|zero2|zero3 dsclip's Trainer (its engine from ds_configs/, its tiled loss) driven step by step
   NAME+ckpt         the same with gradient checkpointing (open_clip's set_grad_checkpointing)
   zeroN+gloo        dsclip with its CPU collectives left on gloo (DSCLIP_SHM_COLLECTIVES=0) instead of
-                    DeepSpeed's shared-memory all-reduce (dsclip/collectives.py); open_clip_loop's DDP
+                    DeepSpeed's shared-memory all-reduce (dsclip/loss/collectives.py); open_clip_loop's DDP
                     always uses gloo, as torch does on CPU
   open_clip_loop+malloc  the baseline with the host-allocator setting dsclip applies to its CPU
                     processes (dsclip.training.bootstrap.keep_freed_host_memory), to show what that alone is worth
@@ -45,9 +45,11 @@ import torch.multiprocessing as mp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dsclip.model.architectures import SHIPPED_CONFIGS  # noqa: E402  (importing registers dsclip's model configs)
+from dsclip.model.architectures import SHIPPED_CONFIGS, registered  # noqa: E402
 from dsclip.training import memory  # noqa: E402
 from dsclip.training.bootstrap import free_port, keep_freed_host_memory  # noqa: E402
+
+registered()  # dsclip-tiny for open_clip, here and in every spawned worker (they import this module)
 
 MB = 2 ** 20
 GB = 2 ** 30

@@ -50,6 +50,15 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def export_dir(self) -> Path:
+        """Where the run's open_clip export goes (train.export), and where WiSE-FT finds it."""
+        return self.run_dir / "export"
+
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)

@@ -1,5 +1,6 @@
 """The one way dsclip replaces a file: atomically (readers see the old file or the new one, never
 half of either) and durably (on disk before the new name is visible)."""
+import errno
 import os
 from pathlib import Path
 from typing import Callable
@@ -26,9 +27,13 @@ def atomic_write_text(target: Path, text: str) -> None:
 
 
 def sync_folder(folder: Path) -> None:
-    """fsync a folder, so that names created or renamed in it are on disk."""
+    """fsync a folder, so that names created or renamed in it are on disk. Some network and FUSE
+    filesystems refuse to sync a folder (EINVAL); there the rename is as durable as they make it."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)

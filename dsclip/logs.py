@@ -1,11 +1,13 @@
 """dsclip's one output path: Python logging under the `dsclip` logger.
 
 Commands call `setup_logging` once; every module logs through a child of the `dsclip` logger
-(`logging.getLogger(__name__)`). Rank 0 shows INFO and above, other ranks WARNING and above, so
-a message is printed once per run, not once per rank. Library chatter (DeepSpeed's engine lines
-and CPU-accelerator notice, torch's CUDA-toolkit notice, open_clip's notes on how it builds a
-model) is held back unless the level is debug. `progress` wraps long loops in a progress bar on
-rank 0 when stderr is a terminal.
+(`logging.getLogger(__name__)`). Rank 0 shows INFO and above, other ranks WARNING and above
+(prefixed with their rank). A message that is the same on every rank (progress, evaluations, a
+run-level warning) is logged on rank 0 only, so it is printed once per run; a rank's own trouble
+(its data ran out) shows with its rank. Library chatter (DeepSpeed's engine lines and
+CPU-accelerator notice, torch's CUDA-toolkit notice, open_clip's notes on how it builds a model)
+is held back unless the level is debug. `progress` wraps long loops in a progress bar on rank 0
+when stderr is a terminal.
 """
 import contextlib
 import io
@@ -42,24 +44,39 @@ class _RankFormatter(logging.Formatter):
         return f"{self.prefix} {message}"
 
 
+class _HeldPrints(io.StringIO):
+    """What a library prints inside `prints_as_debug`; `outside` is the stdout log lines still go to."""
+
+    def __init__(self, outside):
+        super().__init__()
+        self.outside = outside
+
+
 class _StdoutHandler(logging.StreamHandler):
-    """Writes to whatever sys.stdout is when a record comes (pytest and notebooks swap it)."""
+    """Writes to whatever sys.stdout is when a record comes (pytest and notebooks swap it), past
+    the prints `prints_as_debug` holds back."""
 
     def __init__(self):
         super().__init__(sys.stdout)
 
     @property
     def stream(self):
-        return sys.stdout
+        return sys.stdout.outside if isinstance(sys.stdout, _HeldPrints) else sys.stdout
 
     @stream.setter
     def stream(self, value) -> None:
         pass
 
 
-class _DropNotices(logging.Filter):
+class DropMessages(logging.Filter):
+    """Drops records whose message contains any of `texts`."""
+
+    def __init__(self, texts: tuple[str, ...]):
+        super().__init__()
+        self.texts = texts
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(notice in record.getMessage() for notice in NOTICES)
+        return not any(text in record.getMessage() for text in self.texts)
 
 
 def setup_logging(level: str = "info", rank: Optional[int] = None) -> None:
@@ -80,10 +97,10 @@ def setup_logging(level: str = "info", rank: Optional[int] = None) -> None:
     root.setLevel(logging.DEBUG if debug else logging.WARNING)
     logging.getLogger(LOGGER).setLevel(LEVELS[level] if rank == 0 else max(LEVELS[level], logging.WARNING))
     deepspeed = logging.getLogger("DeepSpeed")  # keeps its own handler; a filter survives its import
-    for old in [f for f in deepspeed.filters if isinstance(f, _DropNotices)]:
+    for old in [f for f in deepspeed.filters if isinstance(f, DropMessages)]:
         deepspeed.removeFilter(old)
     if not debug:
-        deepspeed.addFilter(_DropNotices())
+        deepspeed.addFilter(DropMessages(NOTICES))
     deepspeed.setLevel(logging.DEBUG if debug else logging.WARNING)
     # torch warns that it found no CUDA toolkit each time DeepSpeed builds a CPU op
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.DEBUG if debug else logging.ERROR)
@@ -97,11 +114,13 @@ def debug_enabled() -> bool:
 def prints_as_debug(source: str) -> Iterator[None]:
     """Hold back what a library prints to stdout inside the block (DeepSpeed prints its build notes);
     it is logged at DEBUG afterwards."""
-    captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):
-        yield
-    for line in captured.getvalue().splitlines():
-        logging.getLogger(LOGGER).debug("%s: %s", source, line)
+    held = _HeldPrints(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(held):
+            yield
+    finally:
+        for line in held.getvalue().splitlines():
+            logging.getLogger(LOGGER).debug("%s: %s", source, line)
 
 
 def progress(items: Iterable[T], total: Optional[int] = None, desc: str = "") -> Iterator[T]:

@@ -20,8 +20,8 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == _here:
 import argparse  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
-from dsclip.commands.common import (DEFAULT_DS_CONFIG, add_ds_config, add_log_level, add_weight_flags,  # noqa: E402
-                                    guarded, weight_overrides)
+from dsclip.commands.common import (DEFAULT_DS_CONFIG, add_ds_config, add_launcher_rank, add_log_level,  # noqa: E402
+                                    add_overrides, add_weight_flags, guarded, weight_overrides)
 from dsclip.config import RunConfig, load_config  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] = None)
     finished = trainer.engine.global_steps >= trainer.total_steps  # not stopped by a signal
     if cfg.wise_ft.enabled and finished:
         from dsclip.ensemble.wiseft import run_wise_ft
-        finetuned = cfg.run_dir / "export" if cfg.train.export else cfg.run_dir
+        finetuned = cfg.export_dir if cfg.train.export else cfg.run_dir
         run_wise_ft(cfg.wise_ft, cfg, zeroshot=cfg.model.pretrained, finetuned=str(finetuned),
                     out_dir=cfg.run_dir / "wise_ft", device=trainer.engine.device)
     return metrics
@@ -49,8 +49,7 @@ def parser() -> argparse.ArgumentParser:
     add_ds_config(p, "DeepSpeed engine config (JSON; 'auto' fields come from the recipe); "
                   f"default {DEFAULT_DS_CONFIG}")
     p.add_argument("--recipe", help="run recipe (YAML); default: the embedded synthetic-shapes run")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, e.g. --set optim.lr=1e-5 (repeatable)")
+    add_overrides(p)
     p.add_argument("--output-dir", help="parent folder of run folders (recipe key output_dir)")
     p.add_argument("--name", help="run name; outputs go to <output-dir>/<name> (recipe key name)")
     add_weight_flags(p, "initial weights (recipe key model.pretrained): open_clip tag, weights file, HF-style "
@@ -58,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="latest|PATH", help="continue a run exactly: model, optimizer, schedule, "
                    "step, data position and RNG from 'latest' (this run's newest checkpoint) or a step-N folder")
     add_log_level(p)
-    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    add_launcher_rank(p)
     return p
 
 

@@ -19,7 +19,8 @@ from dsclip.model.run_folder import is_complete, read_pointer
 from dsclip.training.ds_config import load_ds_config
 from dsclip.training.loop import Trainer
 from dsclip.training.resume import resume_conflicts
-from dsclip_testutils import REPO, ds_config, free_port, init_single_rank, launch, make_trainer, read_metrics, subprocess_env
+from dsclip_testutils import (REPO, ds_config, free_port, init_single_rank, launch, make_trainer, read_metrics,
+                              subprocess_env)
 
 # 2 ranks x 8 per rank, 80 samples: 5 steps per epoch, so interruptions land mid-epoch.
 RUN = ["--set", "train.max_steps=30", "--set", "optim.warmup_steps=3", "--set", "logging.log_every=1",

@@ -139,7 +139,7 @@ def test_topk_correct_counts_hits():
     logits = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.2, 0.7], [0.5, 0.4, 0.1]])
     labels = torch.tensor([0, 1, 2])
     # row 0 top1 hit; row 1 label ranked 2nd; row 2 label ranked 3rd
-    assert topk_correct(logits, labels, ks=(1, 2, 5)) == {"top1": 1, "top2": 2, "top5": 3}
+    assert topk_correct(logits, labels, ks=(1, 2, 5)) == {1: 1, 2: 2, 5: 3}
     with pytest.raises(ValueError, match="labels"):
         topk_correct(logits, labels[:2])
 

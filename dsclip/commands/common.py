@@ -1,13 +1,12 @@
 """What every command shares: the error guard, logging flags, the default DeepSpeed config and
 the weight flags."""
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 from dsclip.errors import UserError
-from dsclip.logs import LEVELS, setup_logging
+from dsclip.logs import LEVELS, process_rank, setup_logging
 
 DEFAULT_DS_CONFIG = "ds_configs/zero3.json"
 REPO_DS_CONFIG = Path(__file__).resolve().parents[2] / DEFAULT_DS_CONFIG
@@ -30,15 +29,30 @@ def add_ds_config(parser: argparse.ArgumentParser, help_text: str) -> None:
                         default=default_ds_config(), help=help_text)
 
 
-def add_weight_flags(parser: argparse.ArgumentParser, pretrained_help: str) -> None:
-    parser.add_argument("--pretrained", metavar="SOURCE", help=pretrained_help)
+def add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set optim.lr=1e-5 (repeatable)")
+
+
+def add_launcher_rank(parser: argparse.ArgumentParser) -> None:
+    """The DeepSpeed launcher passes --local_rank=N to every rank; the rank itself comes from RANK."""
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+
+
+def add_trust_checkpoint(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-checkpoint", action="store_true", help="allow pickled weight files that can run "
                         "code when loaded (recipe key model.trust_checkpoint)")
 
 
+def add_weight_flags(parser: argparse.ArgumentParser, pretrained_help: str) -> None:
+    parser.add_argument("--pretrained", metavar="SOURCE", help=pretrained_help)
+    add_trust_checkpoint(parser)
+
+
 def weight_overrides(args: argparse.Namespace) -> list[str]:
-    """Recipe overrides for the shared weight flags (--pretrained, --trust-checkpoint)."""
-    overrides = [f"model.pretrained={args.pretrained}"] if args.pretrained else []
+    """Recipe overrides for the shared weight flags (--pretrained where the command has it, --trust-checkpoint)."""
+    pretrained = getattr(args, "pretrained", None)
+    overrides = [f"model.pretrained={pretrained}"] if pretrained else []
     return overrides + (["model.trust_checkpoint=true"] if args.trust_checkpoint else [])
 
 
@@ -49,6 +63,6 @@ def guarded(args: argparse.Namespace, command: Callable[[], int]) -> int:
     try:
         return command()
     except (UserError, FileNotFoundError) as e:
-        if os.environ.get("RANK", "0") == "0":
+        if process_rank() == 0:
             print(f"dsclip: error: {e}", file=sys.stderr)
         return 2

@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from dsclip.commands.common import add_ds_config, add_log_level, add_weight_flags, guarded, weight_overrides
+from dsclip.commands.common import (add_ds_config, add_launcher_rank, add_log_level, add_overrides, add_weight_flags,
+                                    guarded, weight_overrides)
 from dsclip.config import RunConfig, load_config
 
 log = logging.getLogger(__name__)
@@ -21,11 +22,11 @@ def parser() -> argparse.ArgumentParser:
                    help="zero-shot set: synthetic, fashion-mnist, folder:DIR or webdataset:PATTERN (repeatable)")
     p.add_argument("--retrieval", action="append", default=[], metavar="SOURCE:PATH",
                    help="retrieval set: csv:FILE or webdataset:PATTERN (repeatable)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_overrides(p)
     add_ds_config(p, "DeepSpeed config; ZeRO-3 shards the weights over the ranks")
     p.add_argument("--out", type=Path, help="write the metrics as JSON here")
     add_log_level(p)
-    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    add_launcher_rank(p)
     return p
 
 

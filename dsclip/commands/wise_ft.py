@@ -3,7 +3,7 @@ alphas and save the chosen one; one process (CPU, or one GPU when present)."""
 import argparse
 from pathlib import Path
 
-from dsclip.commands.common import add_log_level, guarded
+from dsclip.commands.common import add_log_level, add_overrides, add_trust_checkpoint, guarded, weight_overrides
 from dsclip.config import load_config
 from dsclip.ensemble.config import DEFAULT_ALPHAS, WiseFtConfig, parse_alphas
 from dsclip.errors import ConfigError
@@ -21,16 +21,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", dest="recipe", metavar="RECIPE", help="recipe YAML whose model: section names the "
                    "architecture and whose eval: section the evals (eval.forgetting.general: the general ones); "
                    "default: the embedded default recipe")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, e.g. --set 'eval.forgetting.general=[shapes]' (repeatable)")
+    add_overrides(p)
     p.add_argument("--save-alpha", type=float, help="alpha whose weights are saved (one of --alphas); default: "
                    "the best mean of task and general score")
     p.add_argument("--out", type=Path, help="chosen weights: a folder ('local-dir:OUT') or a .bin/.pt/"
                    ".safetensors file; default REPORT_DIR/export")
     p.add_argument("--report-dir", type=Path, help="folder for wise_ft.md/.json/.png; default <run dir of the "
                    "recipe>/wise_ft")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled weight files that can run "
-                   "code when loaded")
+    add_trust_checkpoint(p)
     add_log_level(p)
     return p
 
@@ -41,7 +39,7 @@ def main(argv: list[str]) -> int:
 
 
 def wise_ft(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides) + (["model.trust_checkpoint=true"] if args.trust_checkpoint else [])
+    overrides = list(args.overrides) + weight_overrides(args)
     run_cfg = load_config(args.recipe, overrides)
     from dsclip.ensemble.wiseft import run_wise_ft, split_tasks
     try:

@@ -115,7 +115,8 @@ class MapStyleData(IndexedEpochs):
     """A file-backed data set (CSV, class folders) decoded and transformed per sample, in
     DataLoader workers when `num_workers` > 0."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, rank: int, world_size: int, seed: int):
+    def __init__(self, dataset: Union[CsvDataset, FolderDataset], batch_size: int, num_workers: int, rank: int,
+                 world_size: int, seed: int):
         super().__init__(EpochSampler(len(dataset), batch_size, rank, world_size, seed))
         self.dataset = dataset
         self.samples = SeededSamples(dataset, seed)

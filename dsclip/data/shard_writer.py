@@ -19,6 +19,7 @@ from dsclip.data.sources import Source
 from dsclip.fileio import atomic_write, atomic_write_text
 from dsclip.logs import progress
 
+
 def _encode(image: Image.Image, image_size: int, image_format: str) -> bytes:
     if image_size > 0:
         scale = image_size / min(image.size)  # shorter side to image_size; the train transform crops later
@@ -61,6 +62,8 @@ def write_shards(source: Source, out_dir: str, *, per_shard: int = 1000, image_s
     settings = {"source": source.name, "samples_in_source": len(source), "per_shard": per_shard,
                 "image_size": image_size, "image_format": image_format, "class_names": source.class_names}
     manifest = _load_manifest(out, settings)
+    for stale in out.glob(".shard-*.tar.tmp-*"):  # a killed run's half-written shard
+        stale.unlink()
     done = {s["name"]: s for s in manifest["shards"]}
     n_shards = (len(source) + per_shard - 1) // per_shard
     for shard in progress(range(n_shards), total=n_shards, desc="make-shards"):

@@ -1,9 +1,10 @@
 """Captioned synthetic images: coloured shapes on plain backgrounds, rendered in code.
 
 Deterministic (sample i of a seed is always the same image and caption), learnable, and with a
-known zero-shot task: the class is the (colour, shape) pair. A sample is drawn at twice the
-model's resolution and reduced with an antialiasing bicubic filter (as open_clip's eval
-transform does), so training and evaluation images are made the same way.
+known zero-shot task: the class is the (colour, shape) pair. A sample is drawn square at twice
+the model's resolution, reduced with an antialiasing bicubic filter and centre-cropped to the
+model's size (as open_clip's eval transform does), so training and evaluation images are made the
+same way.
 
 Training data is rendered once into a uint8 tensor and its captions (a few hundred distinct
 ones) tokenized once, so a step costs an index and a normalisation, not PIL and the tokenizer on
@@ -83,11 +84,14 @@ def render(seed: int, indices: Sequence[int], num_classes: int, image_size: tupl
            ) -> tuple[torch.Tensor, list[str], list[int]]:
     """uint8 images (n, 3, height, width), captions and labels of samples `indices`."""
     height, width = image_size
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
     pixels = np.empty((len(indices), height, width, 3), dtype=np.uint8)
     captions, labels = [], []
     for row, index in enumerate(indices):
-        image, caption, label = render_sample(seed, int(index), num_classes, 2 * max(height, width))
-        pixels[row] = np.asarray(image.resize((width, height), Image.BICUBIC))  # reduces with antialiasing
+        image, caption, label = render_sample(seed, int(index), num_classes, 2 * side)
+        reduced = np.asarray(image.resize((side, side), Image.BICUBIC))  # reduces with antialiasing
+        pixels[row] = reduced[top:top + height, left:left + width]
         captions.append(caption)
         labels.append(label)
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), captions, labels

@@ -88,8 +88,8 @@ def zeroshot_classifier_weights(class_text_features: torch.Tensor) -> torch.Tens
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor,
-                 ks: tuple[int, ...] = (1, 5)) -> dict[str, int]:
-    """Number of rows whose label is among the k highest logits, as {"top1": n, "top5": n}.
+                 ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
+    """Number of rows whose label is among the k highest logits, as {k: n}.
 
     Counts (not fractions) so that shards can be summed across ranks before dividing.
     k above the number of classes is clamped to it (every row counts as correct).
@@ -101,4 +101,4 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor,
         raise ValueError(f"ks must be positive, got {ks}")
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (N, kmax)
     hits = top == labels[:, None]
-    return {f"top{k}": int(hits[:, :k].any(dim=1).sum().item()) for k in ks}
+    return {k: int(hits[:, :k].any(dim=1).sum().item()) for k in ks}

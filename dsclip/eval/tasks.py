@@ -65,7 +65,7 @@ class ZeroShotEval:
                                                              device, dtype, desc=f"eval {self.name}"):
             logits, labels = (features @ classifier)[valid], labels.to(valid.device)[valid]
             hits = topk_correct(logits, labels, ks=(1, 5))
-            counts += torch.tensor([hits["top1"], hits["top5"], len(labels)], dtype=torch.float64, device=counts.device)
+            counts += torch.tensor([hits[1], hits[5], len(labels)], dtype=torch.float64, device=counts.device)
         if dist.is_initialized():
             dist.all_reduce(counts)  # 3 numbers per evaluation
         top1, top5, total = counts.tolist()
@@ -108,8 +108,8 @@ def gather_rows(local: torch.Tensor) -> torch.Tensor:
     """All ranks' rows (uneven counts allowed), in rank order: N x d floats, a few MB for eval sets."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return local
-    counts = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, torch.tensor([len(local)]))
+    counts = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([len(local)], device=local.device))
     largest = int(max(c.item() for c in counts))
     padded = torch.zeros(largest, local.shape[1], dtype=local.dtype, device=local.device)
     padded[:len(local)] = local

@@ -126,7 +126,7 @@ def config_folder() -> Path:
 
 
 def write_if_changed(file: Path, text: str) -> None:
-    """Atomic: every rank imports this module at once, and none may read a half-written file."""
+    """Atomic: every rank registers at the same time, and none may read a half-written file."""
     if file.is_file() and file.read_text() == text:
         return
     atomic_write_text(file, text)

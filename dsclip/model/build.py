@@ -10,7 +10,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
-from dsclip.logs import debug_enabled
+from dsclip.logs import DropMessages, debug_enabled
 from dsclip.model.architectures import registered
 from dsclip.model.config import ModelConfig
 from dsclip.model.pretrained import load_pretrained
@@ -50,20 +50,11 @@ class ModelBundle:
     image_std: tuple[float, ...]
 
 
-class _DropRecord(logging.Filter):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
 @contextmanager
 def _random_init_is_intended() -> Iterator[None]:
     """open_clip warns (on the root logger) that a model built without weights starts random;
     dsclip always builds that way and loads weights itself, so the warning only misleads."""
-    drop = _DropRecord("No pretrained weights loaded")
+    drop = DropMessages(("No pretrained weights loaded",))
     root = logging.getLogger()
     if not debug_enabled():
         root.addFilter(drop)

@@ -77,11 +77,10 @@ class CheckpointManager:
         if not self.best_metric or self.best_metric not in metrics:
             return
         best = read_pointer(self.root / BEST)
-        if best is not None:
-            previous = json.loads((self.root / best / COMPLETE).read_text()).get(self.best_metric)
-            better = metrics[self.best_metric] > previous if self.best_mode == "max" \
-                else metrics[self.best_metric] < previous
-            if previous is not None and not better:
+        previous = json.loads((self.root / best / COMPLETE).read_text()).get(self.best_metric) if best else None
+        if previous is not None:
+            value = metrics[self.best_metric]
+            if not (value > previous if self.best_mode == "max" else value < previous):
                 return
         atomic_write_text(self.root / BEST, tag)
 

@@ -59,7 +59,7 @@ def build_run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] =
     if rank == 0:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    checkpoints = CheckpointManager(cfg.run_dir / "checkpoints", cfg.train.keep_last, cfg.train.best_metric,
+    checkpoints = CheckpointManager(cfg.checkpoints_dir, cfg.train.keep_last, cfg.train.best_metric,
                                     cfg.train.best_mode)
     tracker = Tracker(cfg.logging, cfg.run_dir, to_dict(cfg), rank == 0, resume=point is not None)
     return RunParts(cfg, engine, data, loss_fn, evals, checkpoints, tracker, total_steps, precision(ds), epoch)
@@ -70,5 +70,5 @@ def apply_strategy(cfg: RunConfig, bundle: ModelBundle) -> None:
     summary = apply_freeze(bundle.module.clip, cfg.freeze)
     log.info("%s", format_summary(summary))
     warning = check_lr(cfg.freeze.strategy, cfg.optim.lr) if cfg.model.pretrained else None
-    if warning:  # from random weights a high lr is right; it only wrecks pretrained features
+    if warning and dist.get_rank() == 0:  # from random weights a high lr is right; it wrecks pretrained features
         log.warning("%s", warning)

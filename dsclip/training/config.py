@@ -2,6 +2,8 @@
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from dsclip.errors import ConfigError
+
 
 @dataclass
 class LayerDecayConfig:
@@ -71,10 +73,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.epochs < 1 and self.max_steps < 1:
-            raise ValueError("train.epochs and train.max_steps are both < 1: set one of them to a positive number")
+            raise ConfigError("train.epochs and train.max_steps are both < 1: set one of them to a positive number")
         if self.grad_accum_steps < 1:
-            raise ValueError(f"train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+            raise ConfigError(f"train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         if self.keep_last < 1:
-            raise ValueError(f"train.keep_last must be >= 1 (the newest checkpoint is always kept), got {self.keep_last}")
+            raise ConfigError(f"train.keep_last must be >= 1 (the newest checkpoint is always kept), got {self.keep_last}")
         if self.grad_clip < 0:
-            raise ValueError(f"train.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+            raise ConfigError(f"train.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")

@@ -116,7 +116,7 @@ class Trainer:
 
     def export(self, tag: str) -> None:
         if self.is_main:
-            weights = export_checkpoint(self.parts.checkpoints.root, tag, self.cfg.model, self.cfg.run_dir / "export")
+            weights = export_checkpoint(self.parts.checkpoints.root, tag, self.cfg.model, self.cfg.export_dir)
             log.info("exported open_clip weights to %s", weights)
         dist.barrier()
 
@@ -129,14 +129,14 @@ class Trainer:
 
     def stop_agreed(self) -> bool:
         """All ranks stop at the same step if any rank got a stop signal (all-reduce of 1 int)."""
-        flag = torch.tensor([int(self.stop_requested)])
+        flag = torch.tensor([int(self.stop_requested)], device=self.engine.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     # -- reporting --------------------------------------------------------------------------
     def log_progress(self, step: int, loss: torch.Tensor, logit_scale: torch.Tensor, lr: float,
                      last_log: tuple[float, int]) -> tuple[float, int]:
-        loss = loss.clone()
+        loss = loss.to(self.engine.device)  # the process group reduces on this device (NCCL: the GPU)
         dist.all_reduce(loss)  # 1 float: the step's loss averaged over ranks
         loss = loss.item() / dist.get_world_size()
         now = time.perf_counter()
@@ -165,7 +165,7 @@ class Trainer:
             table, warnings = forgetting_report(self.cfg.eval.forgetting, before, after)
             log.info("before / after fine-tuning (general evals: %s)\n%s",
                      ", ".join(self.cfg.eval.forgetting.general) or "none named", table.rstrip())
-            if self.is_main:
+            if self.is_main:  # the same table and warnings on every rank: written and warned once
                 (self.cfg.run_dir / "forgetting.md").write_text(table + "\n")
-            for warning in warnings:
-                log.warning("%s", warning)
+                for warning in warnings:
+                    log.warning("%s", warning)

@@ -29,7 +29,7 @@ class ResumePoint:
 
 def find_resume_point(spec: str, cfg: RunConfig, rank: int, world_size: int) -> ResumePoint:
     """The checkpoint `spec` names (`latest` or a folder), checked to continue this run exactly."""
-    root, tag = resolve_checkpoint(spec, cfg.run_dir / "checkpoints")
+    root, tag = resolve_checkpoint(spec, cfg.checkpoints_dir)
     state = read_rank_state(root, tag, rank)
     conflicts = resume_conflicts(state["config"], to_dict(cfg), state["world_size"], world_size)
     if conflicts:
