@@ -35,6 +35,12 @@ def test_default_run_on_two_ranks_learns_the_synthetic_task(tmp_path):
     assert (run_dir / "export" / "open_clip_pytorch_model.bin").is_file()
     assert (run_dir / "checkpoints" / "latest").is_file()
     assert "before ->" in result.stdout
+    # one logging path: rank 0's INFO lines appear once, rank 1 says nothing, library chatter is held back
+    assert result.stdout.count("[dsclip] freeze strategy: full") == 1
+    assert result.stdout.count("[dsclip] step 10/256 ") == 1
+    assert "[dsclip rank 1]" not in result.stdout
+    for chatter in ("No pretrained weights loaded", "built successfully", "No CUDA runtime is found"):
+        assert chatter not in result.stdout + result.stderr, chatter
 
 
 @pytest.mark.multiprocess

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from dsclip.errors import CheckpointError
+from dsclip.logs import prints_as_debug
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -80,7 +81,8 @@ def _checked(root: Path, tag: str) -> tuple[Path, str]:
 def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     """The fp32 open_clip state dict of a ZeRO-2/3 checkpoint (DeepSpeed merges the shards)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    merged = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    with prints_as_debug("DeepSpeed"):  # it prints what it found; its progress bars stay on stderr
+        merged = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     state = {}
     for name, tensor in merged.items():
         if not name.startswith(MODULE_PREFIX):
