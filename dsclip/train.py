@@ -30,10 +30,11 @@ def run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] = None)
     # Heavy imports only here, once the inputs are known to be good.
     from dsclip.training.bootstrap import start_process_group
     from dsclip.training.components import build_run
-    from dsclip.training.loop import Trainer
+    from dsclip.training.loop import StopSignals, Trainer
 
+    stop = StopSignals().install()
     start_process_group()
-    trainer = Trainer(build_run(cfg, ds_config, resume))
+    trainer = Trainer(build_run(cfg, ds_config, resume), stop)
     metrics = trainer.train()
     finished = trainer.engine.global_steps >= trainer.total_steps  # not stopped by a signal
     if cfg.wise_ft.enabled and finished:

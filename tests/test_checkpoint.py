@@ -128,7 +128,7 @@ def stop_after(trainer: Trainer, step: int) -> None:
 
     def step_then_stop():
         result = original()
-        trainer.stop_requested = trainer.engine.global_steps >= step
+        trainer.stop.requested = trainer.engine.global_steps >= step
         return result
 
     trainer.optimizer_step = step_then_stop

@@ -157,3 +157,32 @@ def test_bf16_sums_equal_gloo_where_the_kernel_supports_it(results):
     if "all_reduce_bf16" not in results[0]:
         pytest.skip("this CPU lacks AVX-512BW: bf16 stays on gloo")
     assert all(r["all_reduce_bf16"] and r["reduce_scatter_bf16"] for r in results)
+
+
+@pytest.mark.parametrize("env, wanted", [
+    ({"WORLD_SIZE": "2", "LOCAL_SIZE": "2"}, True),
+    ({"WORLD_SIZE": "1", "LOCAL_SIZE": "1"}, False),  # one rank: nothing to reduce
+    ({"WORLD_SIZE": "4", "LOCAL_SIZE": "2"}, False),  # two hosts: the kernel only spans one
+    ({"WORLD_SIZE": "2"}, False),  # no LOCAL_SIZE: the kernel would not map its buffers
+    ({"WORLD_SIZE": "2", "LOCAL_SIZE": "2", "DSCLIP_SHM_COLLECTIVES": "0"}, False),
+])
+def test_the_shared_memory_kernel_is_wanted_only_for_several_ranks_on_one_host(monkeypatch, env, wanted):
+    from dsclip.training.bootstrap import shared_memory_wanted
+    for name in ("WORLD_SIZE", "LOCAL_SIZE", "DSCLIP_SHM_COLLECTIVES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert shared_memory_wanted() is wanted
+
+
+def test_an_unwanted_kernel_is_not_built_and_the_builder_comes_back():
+    import importlib
+
+    from dsclip.training.bootstrap import _shared_memory_kernel
+    torch_backend = importlib.import_module("deepspeed.comm.torch")
+    build = torch_backend.build_shm_op
+    with _shared_memory_kernel(built=False):
+        assert torch_backend.build_shm_op() is None  # returns at once: no compiler runs
+    assert torch_backend.build_shm_op is build
+    with _shared_memory_kernel(built=True):
+        assert torch_backend.build_shm_op is build

@@ -132,16 +132,19 @@ def test_a_trainable_block_above_frozen_layers_keeps_per_submodule_hooks():
     assert zero3.fetch_unit_names(model) == ["visual.transformer.resblocks.0", "transformer.resblocks.0"]
 
 
+@pytest.mark.multiprocess
 def test_zero3_with_dsclip_additions_trains_like_data_parallel(results):
     for r in results:
         assert r["losses"] == pytest.approx(r["reference_losses"], rel=1e-5)
         assert r["max_param_diff"] < 1e-4
 
 
+@pytest.mark.multiprocess
 def test_each_block_is_one_fetch_unit(results):
     assert all(r["blocks"] == 3 and r["leaves"] == 3 for r in results)
 
 
+@pytest.mark.multiprocess
 def test_fp32_master_is_the_parameter_partition(results):
     for r in results:
         assert r["shared"] >= 1 and r["aliased"]
@@ -149,6 +152,7 @@ def test_fp32_master_is_the_parameter_partition(results):
         assert r["optimizer_bytes"] == pytest.approx(2 * r["partition_bytes"], rel=0.01)
 
 
+@pytest.mark.multiprocess
 def test_gradient_norm_in_one_reduction_equals_deepspeeds_per_parameter_norm(results):
     for r in results:
         assert r["fused"] and len(r["norms"]) == STEPS
@@ -157,6 +161,7 @@ def test_gradient_norm_in_one_reduction_equals_deepspeeds_per_parameter_norm(res
             assert all(n > CLIP for n in fused)  # clipping binds, so the norm shapes the steps compared above
 
 
+@pytest.mark.multiprocess
 def test_persistent_parameters_are_gathered_in_one_collective(results):
     for r in results:
         assert r["persistent"] > 10

@@ -1,12 +1,15 @@
 """The process side of a run: the process group (with or without a launcher), threads per rank,
 shared-memory collectives and the host allocator on CPU, and quiet libraries.
 `start_process_group()` is the one sequence every command that trains or evaluates runs."""
+import contextlib
 import ctypes
+import importlib
 import logging
 import os
 import socket
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -81,17 +84,45 @@ def init_distributed() -> None:
     from deepspeed.utils import set_log_level_from_string
     if debug_enabled():  # DeepSpeed set its own logger to WARNING when it was imported
         set_log_level_from_string("info")
-    with prints_as_debug("DeepSpeed"):  # it prints a line per rank when it builds its CPU all-reduce
-        deepspeed.init_distributed(verbose=False)
+    on_cpu = get_accelerator().device_name() == "cpu"
+    with prints_as_debug("DeepSpeed"), _shared_memory_kernel(built=not on_cpu or shared_memory_wanted()):
+        deepspeed.init_distributed(verbose=False)  # it prints a line per rank when it builds the kernel
     dist.barrier()  # every local rank has mapped every peer's buffer
     # DeepSpeed never unlinks these /dev/shm files (~69 MB per rank): each run would leak them.
     # The mappings stay valid after the names go.
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}"
     Path(f"/dev/shm/{name}_{dist.get_rank()}").unlink(missing_ok=True)
-    if get_accelerator().device_name() == "cpu":
+    if on_cpu:
         keep_freed_host_memory()
-        if os.environ.get("DSCLIP_SHM_COLLECTIVES", "1") != "0":
+        if shared_memory_wanted():
             use_shared_memory()
+
+
+def shared_memory_wanted() -> bool:
+    """Whether the CPU collectives should run on shared memory (loss/collectives.py): several
+    ranks, all on this host as the DeepSpeed launcher reports it (LOCAL_SIZE, the kernel's own
+    condition), and not switched off with DSCLIP_SHM_COLLECTIVES=0."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return (os.environ.get("DSCLIP_SHM_COLLECTIVES", "1") != "0" and world != "1"
+            and os.environ.get("LOCAL_SIZE") == world)
+
+
+@contextlib.contextmanager
+def _shared_memory_kernel(built: bool) -> Iterator[None]:
+    """DeepSpeed compiles its CPU shared-memory all-reduce at every start-up, whether or not a
+    collective will use it: about a minute on 2 cores the first time on a machine. With
+    built=False it is skipped for the start-up inside this block."""
+    if built:
+        yield
+        return
+    # `import deepspeed.comm.torch as ...` would give torch itself, which deepspeed.comm imports.
+    torch_backend = importlib.import_module("deepspeed.comm.torch")
+    build = torch_backend.build_shm_op
+    torch_backend.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        torch_backend.build_shm_op = build
 
 
 def start_process_group() -> None:

@@ -20,14 +20,31 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption, SLURM's warning before the time limit
 
 
+class StopSignals:
+    """Notes a preemption signal instead of dying of it. Install it before the run is built: a
+    signal during setup or the first evaluation then stops the run after its first step."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self) -> "StopSignals":
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._request)
+        return self
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+
+
 class Trainer:
     """Runs one run's parts; every method is called on all ranks in lockstep."""
 
-    def __init__(self, parts: RunParts):
+    def __init__(self, parts: RunParts, stop: StopSignals | None = None):
         self.parts, self.cfg, self.engine, self.data = parts, parts.cfg, parts.engine, parts.data
         self.epoch, self._batches = parts.epoch, None
         self.is_main = dist.get_rank() == 0
-        self.stop_requested, self.model_state_logged = False, False
+        self.stop = stop or StopSignals().install()
+        self.model_state_logged = False
 
     @property
     def total_steps(self) -> int:
@@ -36,7 +53,6 @@ class Trainer:
     def train(self) -> dict[str, float]:
         """Train to `total_steps` (or a stop signal); returns the last evaluation's metrics."""
         before = self.evaluate() if self.cfg.eval.at_start and self.engine.global_steps == 0 else {}
-        self.install_stop_handlers()
         last_log = (time.perf_counter(), self.engine.global_steps)
         while self.engine.global_steps < self.total_steps:
             loss, logit_scale, lr = self.optimizer_step()
@@ -121,15 +137,9 @@ class Trainer:
         dist.barrier()
 
     # -- preemption -------------------------------------------------------------------------
-    def install_stop_handlers(self) -> None:
-        def request_stop(signum, frame):
-            self.stop_requested = True
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, request_stop)
-
     def stop_agreed(self) -> bool:
         """All ranks stop at the same step if any rank got a stop signal (all-reduce of 1 int)."""
-        flag = torch.tensor([int(self.stop_requested)], device=self.engine.device)
+        flag = torch.tensor([int(self.stop.requested)], device=self.engine.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
