@@ -1,14 +1,40 @@
 """Shared helpers for dsclip tests: single-process DeepSpeed world, tiny configs, launcher runs."""
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Optional
+
+import pytest
 
 from dsclip.training.bootstrap import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+IN_CI = bool(os.environ.get("CI"))  # .ci/run sets it
+
+
+def require_data(path: str | Path, package: str) -> None:
+    """Skip a test whose Debian data package is missing; under CI fail it instead: .ci/run installs
+    every package the tests read, so a missing one there is a broken install, not a reason to skip."""
+    if not Path(path).exists():
+        _missing(f"{path} is missing: apt-get install {package}")
+
+
+def require_module(name: str, install: str = "pip install -e '.[dev]'") -> ModuleType:
+    """The module `name`, or a skip (outside CI) / failure (under CI) naming how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        _missing(f"module {name} is not installed: {install}")
+
+
+def _missing(message: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{message} (.ci/run installs it)", pytrace=False)
+    pytest.skip(message)
 
 
 def init_single_rank() -> None:

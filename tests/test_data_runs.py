@@ -7,16 +7,15 @@ import pytest
 
 from dsclip.config import load_config
 from dsclip.training.ds_config import load_ds_config
-from dsclip_testutils import REPO, ds_config, init_single_rank, make_trainer, read_metrics, subprocess_env
+from dsclip_testutils import REPO, ds_config, init_single_rank, make_trainer, read_metrics, require_data, subprocess_env
 from test_webdata import jpeg, write_shards
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
-@pytest.mark.skipif(not FASHION_MNIST.is_file(), reason="Debian package dataset-fashion-mnist is not installed "
-                    "(apt-get install dataset-fashion-mnist; .ci/run installs it)")
 @pytest.mark.multiprocess
 def test_fashion_mnist_shards_fine_tune_well_above_chance(tmp_path):
+    require_data(FASHION_MNIST, "dataset-fashion-mnist")
     shards = tmp_path / "fashion"
     made = subprocess.run([sys.executable, "-m", "dsclip.cli", "make-shards", "fashion-mnist", "--out", str(shards),
                            "--limit", "3200", "--per-shard", "800"], cwd=REPO, capture_output=True, text=True,

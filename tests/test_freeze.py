@@ -7,6 +7,7 @@ import torch
 from open_clip.model import CLIP, CustomTextCLIP
 
 from dsclip.model.config import FreezeConfig, ImageFreezeConfig, TextFreezeConfig
+from dsclip_testutils import require_module
 from dsclip.model.freeze import apply_freeze, check_lr, format_summary, recommended_lr_range, summarize_freeze
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "dsclip" / "model" / "configs"
@@ -202,7 +203,7 @@ def test_recommended_lr_and_full_fine_tune_warning():
 # --- HF text towers (open_clip CustomTextCLIP with a transformers encoder) ---
 
 def hf_clip(tmp_path: Path, model_type: str) -> torch.nn.Module:
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     config_cls = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig}[model_type]
     path = tmp_path / model_type
     config_cls(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,

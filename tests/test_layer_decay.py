@@ -5,6 +5,7 @@ from open_clip.model import CLIP, CustomTextCLIP
 from dsclip.model.partition import LayerId, LayerPartition, layer_label
 from dsclip.training.config import LayerDecayConfig
 from dsclip.training.optim import layer_lr_scales, lr_scale
+from dsclip_testutils import require_module
 
 VISION = dict(image_size=32, patch_size=8, width=32, layers=4, head_width=16)
 TEXT = dict(context_length=8, vocab_size=100, width=32, heads=2, layers=3)
@@ -105,7 +106,7 @@ def test_decay_outside_zero_one_is_rejected(value):
 
 
 def test_hf_text_tower_layers(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     path = tmp_path / "bert"
     transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
                             intermediate_size=64, max_position_embeddings=40).save_pretrained(path)

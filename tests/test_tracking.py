@@ -7,6 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from dsclip.report import tracking
 from dsclip.report.config import LoggingConfig
 from dsclip.report.tracking import WANDB_RUN_ID_FILE, Tracker
+from dsclip_testutils import require_module
 
 
 def scalars(run_dir, tag):
@@ -65,7 +66,7 @@ def test_tensorboard_scalars_are_readable_and_resume_purges_replayed_steps(tmp_p
 
 
 def test_wandb_offline_writes_under_run_dir_and_resumes_its_run_id(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
+    wandb = require_module("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = LoggingConfig(report_to=["jsonl", "wandb"], wandb_project="dsclip-test", plots=False)
@@ -94,7 +95,7 @@ def test_wandb_offline_writes_under_run_dir_and_resumes_its_run_id(tmp_path, mon
 
 
 def test_wandb_goes_offline_when_the_server_is_unreachable(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    require_module("wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setattr(tracking, "wandb_reachable", lambda: False)
