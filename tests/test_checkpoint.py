@@ -138,13 +138,34 @@ def stop_after(trainer: Trainer, step: int) -> None:
 SHORT_RUN = ("train.max_steps=12", "logging.log_every=1", "data.synthetic.train_samples=40", "train.save_every=100")
 
 
+PATCH_DROPOUT_MODEL = "dsclip-tiny-patch-dropout"
+
+
+def register_patch_dropout_model(folder) -> str:
+    """dsclip-tiny with open_clip's patch dropout (vision_cfg.patch_dropout): every training forward
+    draws which patches to keep from torch's global RNG, so a resume that does not restore that RNG
+    computes other losses. Registered with open_clip as any user config would be."""
+    config = json.loads((REPO / "dsclip" / "model" / "configs" / "dsclip-tiny.json").read_text())
+    config["vision_cfg"]["patch_dropout"] = 0.5
+    file = folder / f"{PATCH_DROPOUT_MODEL}.json"
+    file.write_text(json.dumps(config))
+    open_clip.add_model_config(file)
+    return PATCH_DROPOUT_MODEL
+
+
 def test_a_run_resumed_mid_epoch_in_process_reproduces_the_uninterrupted_losses(tmp_path):
-    tiny_trainer(tmp_path / "straight", *SHORT_RUN).train()
-    interrupted = tiny_trainer(tmp_path / "resumed", *SHORT_RUN)
+    # Patch dropout consumes torch's global RNG every step: without the RNG restore the resumed
+    # steps keep other patches and their losses differ (augmentation is seeded per sample and
+    # would not show it).
+    run = (*SHORT_RUN, f"model.name={register_patch_dropout_model(tmp_path)}")
+    straight_trainer = tiny_trainer(tmp_path / "straight", *run)
+    assert straight_trainer.engine.module.clip.visual.patch_dropout.prob == 0.5
+    straight_trainer.train()
+    interrupted = tiny_trainer(tmp_path / "resumed", *run)
     stop_after(interrupted, 7)
     interrupted.train()
     assert read_pointer(tmp_path / "resumed" / "default" / "checkpoints" / "latest") == "step-7"
-    tiny_trainer(tmp_path / "resumed", *SHORT_RUN, resume="latest").train()
+    tiny_trainer(tmp_path / "resumed", *run, resume="latest").train()
     straight = losses_by_step(tmp_path / "straight" / "default")
     assert_resume_matches(straight, tmp_path / "resumed" / "default", resumed_from=7, last=12)
 
