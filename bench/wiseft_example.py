@@ -1,6 +1,6 @@
 """WiSE-FT end to end on real offline data, through dsclip's own commands.
 
-    python bench/wiseft_example.py                  # the README's example: ~4 minutes on 2 CPU cores
+    python bench/wiseft_example.py                  # the example in docs/evaluation.md: ~4 minutes on 2 CPU cores
     python bench/wiseft_example.py --quick --ranks 1  # the reduced version tests/test_wiseft.py runs
 
 Stages (each a subprocess, as a user would type it):

@@ -198,7 +198,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
 
 
 def recipe_reference() -> str:
-    """The markdown table of every recipe key (README's recipe reference is generated from it)."""
+    """The markdown table of every recipe key (docs/recipes.md's recipe reference is generated from it)."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     rows += [f"| `{key}` | `{default!r}` | {comment} |" for key, default, comment in _reference_rows(RunConfig, "")]
     return "\n".join(rows)

@@ -80,10 +80,23 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     assert again == cfg
 
 
+@pytest.mark.parametrize("recipe", [None, "launch/recipes/production.yaml", "launch/recipes/quick.yaml"])
+def test_the_short_run_that_multinode_docs_suggest_is_a_valid_recipe(recipe):
+    import re
+    import shlex
+
+    from dsclip_testutils import REPO
+    text = (REPO / "docs" / "multinode.md").read_text()
+    suggested = re.search(r"A short run first: `(.*?)`", text, flags=re.S).group(1)
+    overrides = [arg for arg in shlex.split(suggested) if arg != "--set"]
+    assert "train.max_steps=20" in overrides
+    load_config(str(REPO / recipe) if recipe else None, overrides)  # raises on an invalid combination
+
+
 def test_readme_recipe_reference_is_current():
     from dsclip.config import recipe_reference
     from dsclip_testutils import REPO
-    assert recipe_reference() in (REPO / "README.md").read_text(), "regenerate with: python -m dsclip.config"
+    assert recipe_reference() in (REPO / "docs" / "recipes.md").read_text(), "regenerate with: python -m dsclip.config"
 
 
 def test_override_value_that_is_not_yaml_is_a_clear_error():

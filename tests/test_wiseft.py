@@ -218,7 +218,7 @@ def test_recipe_section_sweeps_between_pretrained_and_the_fine_tuned_export(tmp_
     assert rows[1]["metrics"]["eval/shapes/top1"] == evals[-1]["eval/shapes/top1"]  # alpha 1: the fine-tuned model
 
 
-# -- the README example, reduced --------------------------------------------------------------------
+# -- the docs/evaluation.md example, reduced --------------------------------------------------------------------
 @pytest.mark.parametrize("recipe", ["wiseft_shapes.yaml", "wiseft_fashion.yaml"])
 def test_example_recipes_validate_and_say_how_to_run_them(recipe):
     path = REPO / "launch" / "recipes" / recipe

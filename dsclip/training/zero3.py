@@ -1,7 +1,7 @@
 """What dsclip adds around DeepSpeed's ZeRO-3 (0.19.x): fetch units, one collective for the
 persistent parameters, no second fp32 copy of fp32 weights, and one reduction for the gradient
 norm. Each fixes a shortfall measured in bench/train.py (2 CPU ranks, dsclip-tiny; numbers in the
-README's benchmark section)."""
+docs/benchmarks.md)."""
 from typing import Any, Optional
 
 import torch
