@@ -1,10 +1,13 @@
 """Loader throughput: dsclip's WebDataset shard loader (0/1/2 workers) vs a plain torchvision ImageFolder loader
 over the same JPEG images, both with open_clip's train transform. Prints a table and writes JSON.
 
-    python bench/data.py --images 2000 --json bench/data.json
+    python bench/data.py                    # writes bench/results/data_cpu.json
+    python bench/data.py --json ""          # table only
 """
 import argparse
+import datetime
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -45,9 +48,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64, help="model input size (open_clip train transform)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--json", default="", help="write results here as JSON")
+    parser.add_argument("--json", default="bench/results/data_cpu.json", help="write results here as JSON ('' = don't)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    load_before = os.getloadavg()
     transform = open_clip.image_transform(args.image_size, is_train=True)
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     rows = []
@@ -67,13 +71,20 @@ def main() -> None:
             loader = DataLoader(folder, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=workers)
             rate, n = throughput(loader)
             rows.append({"loader": "torchvision ImageFolder", "workers": workers, "images": n, "images_per_s": rate})
-    print(f"{'loader':32} {'workers':>7} {'images':>7} {'images/s':>9}")
+    load_after = os.getloadavg()
+    table = {}  # loader -> {workers: images/s}
     for r in rows:
-        print(f"{r['loader']:32} {r['workers']:>7} {r['images']:>7} {r['images_per_s']:>9.0f}")
-    result = {"config": vars(args), "results": rows}
+        table.setdefault(r["loader"], {})[str(r["workers"])] = r["images_per_s"]
+    print(f"{'loader':32} " + " ".join(f"{f'{w} workers':>10}" for w in args.workers) + "  (images/s)")
+    for loader, rates in table.items():
+        print(f"{loader:32} " + " ".join(f"{rates[str(w)]:>10.0f}" for w in args.workers))
+    print(f"1/5/15-minute load average before {load_before}, after {load_after}")
+    result = {"args": vars(args), "date": datetime.date.today().isoformat(), "cpus": os.cpu_count(),
+              "load_before": load_before, "load_after": load_after, "images_per_s": table, "results": rows}
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
