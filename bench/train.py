@@ -269,6 +269,15 @@ def _open_clip_train_worker(rank: int, args: argparse.Namespace, logs: str, out:
     Path(f"{out}.rank0.json").write_text(json.dumps(result))
 
 
+def require_open_clip_train() -> None:
+    """open_clip's trainer ships in open_clip_torch but imports pandas and other extras at the top."""
+    try:
+        import open_clip_train.main  # noqa: F401
+    except ImportError as err:
+        raise SystemExit(f"bench/train.py: the open_clip_train system cannot start ({err}): install the extras "
+                         "with pip install -e '.[dev]', or leave it out: --systems open_clip_loop zero0 zero2 zero3")
+
+
 def apply_ds_override(ds: dict, item: str) -> None:
     """`zero_optimization.overlap_comm=false`: set one DeepSpeed config key (value parsed as JSON)."""
     path, sep, value = item.partition("=")
@@ -450,6 +459,8 @@ def main() -> None:
     if args.scaling:
         print_scaling(scaling_rows())
         return
+    if "open_clip_train" in args.systems:
+        require_open_clip_train()
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="dsclip-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
