@@ -230,7 +230,10 @@ class _ShardStream(IterableDataset):
             if empty_in_a_row > 2 * len(shards) + 10:
                 raise RuntimeError(f"data.webdataset source {self.cfg.urls[i]!r} yields no samples from any shard")
 
-    def _decode(self, sample: dict[str, Any]) -> tuple[Optional[tuple[torch.Tensor, str]], Optional[str]]:
+    def _decode(self, sample: dict[str, Any], seed: int) -> tuple[Optional[tuple[torch.Tensor, str]], Optional[str]]:
+        """The sample's (image, caption), or the reason it is unusable. The transform's random draws come from
+        torch's RNG seeded with `seed` (from the sample's place in the stream), not from the worker's RNG, whose
+        state depends on what the worker decoded before: a resumed worker skips those samples undecoded."""
         data = _first(sample, self.image_keys)
         if data is None:
             return None, "no_image"
@@ -241,7 +244,8 @@ class _ShardStream(IterableDataset):
         if not caption:
             return None, "no_caption"
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data)) as img, torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
                 image = self.transform(img.convert("RGB"))
         except Exception as exn:  # any decoder or transform failure is a bad sample, never a stopped run
             log.debug("bad image %s in %s: %r", sample.get("__key__"), sample.get("__url__"), exn)
@@ -261,7 +265,8 @@ class _ShardStream(IterableDataset):
             n_raw += 1
             if n_raw <= start:  # replaying up to the saved position: no decoding
                 continue
-            decoded, kind = self._decode(sample)
+            decoded, kind = self._decode(sample, hash((self.seed, self.pos.epoch, self.pos.pass_idx, self.rank, role,
+                                                       n_raw)) % 2**63)
             if decoded is None:
                 counts[kind] += 1
                 bad_in_a_row += 1
