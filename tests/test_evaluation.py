@@ -1,4 +1,4 @@
-"""Evaluation: dsclip's zero-shot numbers equal plain open_clip's; logging sinks and the forgetting table."""
+"""Evaluation: dsclip's zero-shot and 2-rank retrieval numbers equal plain open_clip's; logging sinks and the forgetting table."""
 import json
 import subprocess
 import sys
@@ -50,24 +50,93 @@ def plain_open_clip_top1(export_dir, num_samples: int) -> float:
     return 100 * (predicted == labels).double().mean().item()
 
 
-@pytest.mark.multiprocess
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_zeroshot_accuracy_equals_plain_open_clip(trained_weights, tmp_path, ranks):
+def dsclip_eval(tmp_path, ranks: int, *args: str) -> dict[str, float]:
+    """`dsclip eval ARGS` under ZeRO-3 on one process or `ranks` torchrun ranks; its metrics."""
     out = tmp_path / "metrics.json"
-    args = ["eval", "--pretrained", str(trained_weights), "--zeroshot", "synthetic", "--out", str(out),
-            "--deepspeed_config", str(ds_config(3, tmp_path)), "--set", f"data.synthetic.eval_samples={EVAL_SAMPLES}"]
+    args = ["eval", *args, "--out", str(out), "--deepspeed_config", str(ds_config(3, tmp_path))]
     if ranks == 1:
         cmd = [sys.executable, "-m", "dsclip.cli", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
                str(free_port()), "-m", "dsclip.cli", *args]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                             env=subprocess_env(OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
-    dsclip_top1 = json.loads(out.read_text())["eval/synthetic/top1"]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_zeroshot_accuracy_equals_plain_open_clip(trained_weights, tmp_path, ranks):
+    metrics = dsclip_eval(tmp_path, ranks, "--pretrained", str(trained_weights), "--zeroshot", "synthetic",
+                          "--set", f"data.synthetic.eval_samples={EVAL_SAMPLES}")
     expected = plain_open_clip_top1(trained_weights, EVAL_SAMPLES)
     assert 15 < expected < 95, "a mid-range accuracy makes the comparison meaningful"
-    assert dsclip_top1 == pytest.approx(expected, abs=1e-9)
+    assert metrics["eval/synthetic/top1"] == pytest.approx(expected, abs=1e-9)
+
+
+RETRIEVAL_PAIRS = 301  # odd: rank 0 encodes 151 pairs, rank 1 150 and one padding pair
+
+
+def write_pairs(folder, n: int) -> list[tuple[str, str]]:
+    """A CSV of `n` held-out synthetic images with captions made unique by a number (identical
+    captions would tie, and ties are decided by the last bit of each encoder's arithmetic)."""
+    folder.mkdir()
+    rows = []
+    for i in range(n):
+        image, caption, _ = synthetic.render_sample(synthetic.EVAL_SEED_OFFSET + 7, i, 12, 64)
+        image.save(folder / f"{i}.png")
+        rows.append((str(folder / f"{i}.png"), f"{caption} number {i}"))
+    (folder / "pairs.csv").write_text("filepath,title\n" + "".join(f"{path},{title}\n" for path, title in rows))
+    return rows
+
+
+def rank_summary(ranks: torch.Tensor) -> dict[str, float]:
+    summary = {f"R@{k}": 100.0 * (ranks <= k).double().mean().item() for k in (1, 5, 10)}
+    summary["mean_rank"] = ranks.double().mean().item()
+    summary["median_rank"] = ranks.sort().values[len(ranks) // 2].item()  # odd count: one middle
+    return summary
+
+
+def brute_force_retrieval(export_dir, rows: list[tuple[str, str]], slack: float) -> dict[str, tuple[float, float]]:
+    """Recall@k and mean / median rank both ways from plain open_clip in one process and the full
+    N x N similarity matrix: rank = 1 + the other items scoring at least the pair's own score.
+    Each metric as (lowest, highest) over the ranks obtained with every score moved by up to
+    `slack`: two correct encoders differ in the last bits, and a near tie may go either way."""
+    from PIL import Image
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{export_dir}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{export_dir}")
+    model.eval()
+    with torch.no_grad():
+        images = model.encode_image(torch.stack([preprocess(Image.open(path).convert("RGB")) for path, _ in rows]),
+                                    normalize=True)
+        texts = model.encode_text(tokenizer([title for _, title in rows]), normalize=True)
+    scores = images.double() @ texts.double().T  # scores[i, j]: image i with text j
+    others = ~torch.eye(len(rows), dtype=torch.bool)
+    bounds = {}
+    for direction, table in (("image_to_text", scores), ("text_to_image", scores.T)):
+        own = table.diag()[:, None]
+        best = rank_summary(1 + ((table > own + slack) & others).sum(dim=1))  # near ties won
+        worst = rank_summary(1 + ((table >= own - slack) & others).sum(dim=1))  # near ties lost
+        for key in best:
+            low, high = sorted((best[key], worst[key]))
+            bounds[f"{direction}_{key}"] = (low, high)
+    return bounds
+
+
+@pytest.mark.multiprocess
+def test_two_rank_retrieval_equals_brute_force_plain_open_clip(trained_weights, tmp_path):
+    rows = write_pairs(tmp_path / "pairs", RETRIEVAL_PAIRS)
+    metrics = dsclip_eval(tmp_path, 2, "--pretrained", str(trained_weights), "--zeroshot", "synthetic",
+                          "--retrieval", f"csv:{tmp_path / 'pairs' / 'pairs.csv'}", "--set", "eval.batch_size=64",
+                          "--set", "data.synthetic.eval_samples=8")  # the zero-shot set, kept small here
+    expected = brute_force_retrieval(trained_weights, rows, slack=1e-5)
+    for direction in ("image_to_text", "text_to_image"):
+        low, high = expected[f"{direction}_R@10"]
+        assert 5 < low and high < 95, ("mid-range recall makes the comparison meaningful", expected)
+    for key, (low, high) in expected.items():
+        value = metrics[f"eval/pairs/{key}"]  # dsclip averages in float32: 1e-6 relative
+        assert low * (1 - 1e-6) <= value <= high * (1 + 1e-6), (key, value, low, high)
 
 
 def test_run_with_periodic_eval_writes_every_sink_and_the_forgetting_table(tmp_path, monkeypatch):
