@@ -1,6 +1,6 @@
 """Peak extra memory and forward+backward time: open_clip ClipLoss vs dsclip's tiled loss.
 
-    python bench/loss.py                                   # CPU, fp32, 1 and 2 ranks (gloo)
+    python bench/loss.py                                   # CPU, fp32, 1 and 2 ranks
     python bench/loss.py --device cuda --dtype bf16 --ranks 1
 
 Each rank count runs in fresh processes; each rank measures, per global batch B and loss,
@@ -127,12 +127,33 @@ def measure_batch(losses: dict, batch: int, world: int, args: argparse.Namespace
     return samples
 
 
+def _default_allocator() -> None:
+    """Undo the glibc setting dsclip's start-up applies (keep freed memory, serve blocks up to 1 GB
+    from the heap), so that large blocks are mapped and unmapped again as on 1 rank. With it the
+    2-rank peak RSS came out about twice as high in one run (ClipLoss at B=8192: 1.14 vs 0.55 GB per
+    rank), freed blocks staying in the heap, which would overstate both losses' memory."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: glibc's default
+    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: glibc's default
+
+
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     if args.device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo" if args.device == "cpu" else "nccl", rank=rank, world_size=world)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                          WORLD_SIZE=str(world), LOCAL_SIZE=str(world))
+        if args.device == "cpu" and args.collectives == "shm":
+            # As in training: DeepSpeed's gloo group, dsclip's collectives on shared memory (ClipLoss's
+            # torch.distributed.nn all-gather stays on gloo).
+            from dsclip.training.bootstrap import init_distributed
+            init_distributed()
+            _default_allocator()
+            from dsclip.loss.collectives import _shared_memory_backend
+            print(f"rank {rank}/{world}: dsclip's loss collectives on "
+                  f"{'shared memory' if _shared_memory_backend() is not None else 'gloo'}", flush=True)
+        else:
+            dist.init_process_group("gloo" if args.device == "cpu" else "nccl", rank=rank, world_size=world)
     all_losses = {name: make_loss(name, args) for name in args.losses}
     for loss_fn in all_losses.values():
         step(loss_fn, 64, args, seed=rank)  # warm-up: first-call costs (and Triton compiles) off the clock
@@ -222,8 +243,12 @@ def main() -> None:
                         help="fewer rounds where rounds x first round's seconds would exceed this")
     parser.add_argument("--host-budget-gb", type=float, default=10.0, help="skip ClipLoss runs predicted above this")
     parser.add_argument("--limit-gb", type=float, default=16.0, help="memory for the 'largest batch that fits' column")
+    parser.add_argument("--collectives", default="shm", choices=["shm", "gloo"],
+                        help="CPU ranks > 1: dsclip's start-up (its loss's collectives on shared memory, as in "
+                             "training) or a plain gloo group")
     parser.add_argument("--json", default="bench/results/loss_{device}_{dtype}.json")
     args = parser.parse_args()
+    load_before, started = os.getloadavg(), time.strftime("%Y-%m-%d")
 
     tmp = Path(args.json.format(device=args.device, dtype=args.dtype)).parent / ".loss_tmp"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -260,7 +285,9 @@ def main() -> None:
     for key, batch in fits.items():
         print(f"  {key:>14} ranks: {batch if batch else 'n/a (needs two measured batches)'}")
     path = Path(args.json.format(device=args.device, dtype=args.dtype))
-    path.write_text(json.dumps({"args": vars(args), "rows": rows, "largest_batch_in_limit": fits}, indent=1))
+    path.write_text(json.dumps({"args": vars(args), "date": started, "cpus": os.cpu_count(),
+                                "load_before": load_before, "load_after": os.getloadavg(), "rows": rows,
+                                "largest_batch_in_limit": fits}, indent=1))
     print(f"wrote {path}")
 
 
