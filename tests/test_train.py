@@ -55,7 +55,10 @@ def test_zero2_and_zero3_give_the_same_losses(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         losses[stage] = [r["train/loss"] for r in read_metrics(out / "default")]
     assert len(losses[3]) == 6
-    assert losses[2] == pytest.approx(losses[3], abs=1e-4)
+    # The stages differ only in fp32 summation order: <= 5e-7 apart here (1.5e-7 relative), and the
+    # benchmark's runs stay within 5e-6 of plain open_clip. A 1.4x weight decay on one side moves
+    # the losses by up to 8e-5, which an absolute 1e-4 let through.
+    assert losses[2] == pytest.approx(losses[3], rel=5e-6, abs=0)
 
 
 def tiny_trainer(tmp_path, stage: int, *overrides: str) -> Trainer:
