@@ -259,13 +259,34 @@ def test_keep_last_prunes_old_checkpoints_but_keeps_the_best(tmp_path):
 
 
 def test_export_command_writes_safetensors_in_the_chosen_dtype(tmp_path, capsys):
-    tiny_trainer(tmp_path).train()
-    out = tmp_path / "exported" / "model.safetensors"
-    assert export_main([str(tmp_path / "default"), "--out", str(out), "--dtype", "bf16", "--safetensors"]) == 0
     from safetensors.torch import load_file
-    weights = load_file(str(out))
-    assert weights["visual.conv1.weight"].dtype == torch.bfloat16
-    assert out.with_suffix(".json").is_file()
+    tiny_trainer(tmp_path).train()
+    exports = {}
+    for dtype in ("fp32", "bf16", "fp16"):
+        exports[dtype] = tmp_path / "exported" / f"{dtype}.safetensors"
+        assert export_main([str(tmp_path / "default"), "--out", str(exports[dtype]), "--dtype", dtype,
+                            "--safetensors"]) == 0
+        assert exports[dtype].with_suffix(".json").is_file()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 3, 32, 32, generator=generator)
+    texts = open_clip.get_tokenizer("dsclip-tiny")(["a red circle", "a blue ring on black", "green cross", "a ring"])
+    embeddings = {}
+    for dtype, torch_dtype, precision in (("fp32", torch.float32, "fp32"), ("bf16", torch.bfloat16, "pure_bf16"),
+                                          ("fp16", torch.float16, "pure_fp16")):
+        weights = load_file(str(exports[dtype]))
+        assert {name: t.dtype for name, t in weights.items() if t.dtype != torch_dtype} == {}, dtype
+        # Plain open_clip, in that precision: the file must fill every parameter of the architecture.
+        model = open_clip.create_model("dsclip-tiny", pretrained=str(exports[dtype]), precision=precision)
+        model.eval()
+        assert model.state_dict().keys() <= weights.keys() and all(
+            torch.equal(model.state_dict()[name], weights[name]) for name in model.state_dict()), dtype
+        with torch.no_grad():
+            embeddings[dtype] = (model.encode_image(images.to(torch_dtype), normalize=True).float(),
+                                 model.encode_text(texts, normalize=True).float())
+    # Unit vectors of 64 numbers: bf16 keeps 8 bits of mantissa, fp16 11.
+    for dtype, tolerance in (("bf16", 3e-2), ("fp16", 4e-3)):
+        for low, exact in zip(embeddings[dtype], embeddings["fp32"]):
+            assert (low - exact).abs().max() <= tolerance, (dtype, (low - exact).abs().max().item())
     capsys.readouterr()
     assert export_main([str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
