@@ -1,4 +1,6 @@
 """Shared-memory collectives (2 CPU ranks): same results as gloo, fallback where they cannot run."""
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -186,3 +188,16 @@ def test_an_unwanted_kernel_is_not_built_and_the_builder_comes_back():
     assert torch_backend.build_shm_op is build
     with _shared_memory_kernel(built=True):
         assert torch_backend.build_shm_op is build
+
+
+def test_the_kernel_is_cached_per_python_environment(monkeypatch):
+    import sys
+
+    from dsclip.training.bootstrap import _shared_memory_kernel, extension_cache
+    here = extension_cache()
+    monkeypatch.setattr(sys, "prefix", "/some/other/venv")
+    assert extension_cache() != here
+    monkeypatch.undo()
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    with _shared_memory_kernel(built=True):
+        assert os.environ["TORCH_EXTENSIONS_DIR"] == str(here)

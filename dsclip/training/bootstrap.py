@@ -3,10 +3,12 @@ shared-memory collectives and the host allocator on CPU, and quiet libraries.
 `start_process_group()` is the one sequence every command that trains or evaluates runs."""
 import contextlib
 import ctypes
+import hashlib
 import importlib
 import logging
 import os
 import socket
+import sys
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -107,12 +109,22 @@ def shared_memory_wanted() -> bool:
             and os.environ.get("LOCAL_SIZE") == world)
 
 
+def extension_cache() -> Path:
+    """Where this Python environment keeps the kernels DeepSpeed compiles (unless TORCH_EXTENSIONS_DIR
+    says otherwise). torch's default folder is keyed by the kernel's name only, so two environments
+    sharing a home (two venvs; nodes with their own installs) rebuild it over each other at every
+    start-up, a minute each, with the other's ranks waiting on the build lock."""
+    environment = hashlib.sha256(sys.prefix.encode()).hexdigest()[:16]
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions" / f"env-{environment}"
+
+
 @contextlib.contextmanager
 def _shared_memory_kernel(built: bool) -> Iterator[None]:
     """DeepSpeed compiles its CPU shared-memory all-reduce at every start-up, whether or not a
     collective will use it: about a minute on 2 cores the first time on a machine. With
     built=False it is skipped for the start-up inside this block."""
     if built:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extension_cache()))
         yield
         return
     # `import deepspeed.comm.torch as ...` would give torch itself, which deepspeed.comm imports.
