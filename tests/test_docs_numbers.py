@@ -41,24 +41,9 @@ ALLOWED = [
     ("docs/recipes.md", "5 GB per GPU", "computed: 16 bytes x parameter count / 8, GB = 1e9"),
 ]
 
-# Measured numbers with no JSON behind them, in text other sessions own: tolerated here so that the
-# quick tier stays green, listed so that they are not forgotten. Move each into a generated block
-# (with a bench/ script writing its JSON) or remove it, then delete its entry.
-KNOWN_UNBACKED = [
-    ("README.md", "about 2 minutes of", "the quick tier's duration; no JSON"),
-    ("README.md", "| 2.0 min |", "the quick tier's duration; no JSON"),
-    ("README.md", "| 12 min |", "the multiprocess tier's duration; no JSON"),
-    ("README.md", "| 19 min |", "the slow tier's duration; no JSON"),
-    ("docs/architecture.md", "~5 ms per step", "memory_efficient_linear's cost; measured once, no JSON"),
-    ("docs/architecture.md", "12.6 MB", "the collectives' timings that follow on the next line have no JSON"),
-    ("docs/architecture.md", "~145 -> ~122 ms per step", "the allocator setting's effect; no JSON"),
-    ("docs/recipes.md", "~80x slower", "bf16 matmuls on CPUs without AMX; no JSON"),
-    ("docs/recipes.md", "~30% slower", "gradient checkpointing's cost; train_cpu_ckpt.json has 0.60x-0.82x"),
-]
-
 
 def _allowed(rel: str, line: str, match: re.Match) -> bool:
-    for file, text, _why in ALLOWED + KNOWN_UNBACKED:
+    for file, text, _why in ALLOWED:
         if file != rel:
             continue
         at = line.find(text)
@@ -77,7 +62,7 @@ def _hits() -> tuple[list[str], set[tuple[str, str]]]:
             for pattern in MEASURED:
                 for match in pattern.finditer(line):
                     if _allowed(rel, line, match):
-                        used.update((f, t) for f, t, _ in ALLOWED + KNOWN_UNBACKED if f == rel and t in line)
+                        used.update((f, t) for f, t, _ in ALLOWED if f == rel and t in line)
                     else:
                         hits.append(f"{rel}:{number}: {match.group(0)!r} in: {line.strip()}")
     return hits, used
@@ -99,7 +84,7 @@ def test_no_measured_number_outside_generated_blocks():
 
 def test_allowlist_entries_are_used():
     _, used = _hits()
-    stale = [(f, t) for f, t, _ in ALLOWED + KNOWN_UNBACKED if (f, t) not in used and (REPO / f) in SCANNED]
+    stale = [(f, t) for f, t, _ in ALLOWED if (f, t) not in used and (REPO / f) in SCANNED]
     assert not stale, f"ALLOWED entries that match nothing any more (remove them): {stale}"
 
 
