@@ -31,7 +31,7 @@ ALLOWED = [
     ("README.md", "24 GB+ cards", "a GPU memory size, not a measurement"),
     ("docs/architecture.md", "a 64 MB /dev/shm file", "EXCHANGE_BYTES in dsclip/loss/collectives.py"),
     ("docs/architecture.md", "allocations up to 1 GB", "the mallopt threshold keep_freed_host_memory sets"),
-    ("docs/checkpoints.md", "30 s later", "the DeepSpeed launcher's fixed wait before it kills ranks"),
+    ("docs/checkpoints.md", "30 s after the signal", "the DeepSpeed launcher's fixed wait before it kills ranks"),
     ("docs/data.md", "Sets above 1 GiB", "CACHE_BYTES in dsclip/data/synthetic.py"),
     ("docs/evaluation.md", "stay under 1 GiB", "tests/test_retrieval.py::test_retrieval_100k_pairs_stays_under_1gb"),
     ("docs/recipes.md", "24 GB+ cards", "a GPU memory size, not a measurement"),
