@@ -49,6 +49,16 @@ class CountingSource:
         return self.inner.load(index)
 
 
+def test_labelled_shards_evaluate_with_the_class_names_of_their_manifest(tmp_path):
+    from dsclip.eval.datasets import ShardPairs
+    make_folder(tmp_path / "src")
+    write_shards(open_source(str(tmp_path / "src"), templates=["a photo of a {}."]), str(tmp_path / "out"),
+                 per_shard=4, image_size=20)
+    shards = ShardPairs(str(tmp_path / "out" / "shard-{000000..000002}.tar"), lambda image: image, max_samples=0)
+    assert shards.class_names == ["ankle boot", "sandal"] and len(shards) == 10
+    assert sorted({label for _, label, _ in shards.samples}) == [0, 1]
+
+
 def test_folder_source_writes_shards_manifest_and_labels(tmp_path):
     make_folder(tmp_path / "src")
     manifest = write_shards(open_source(str(tmp_path / "src"), templates=["a photo of a {}."]), str(tmp_path / "out"),

@@ -63,7 +63,7 @@ def _manifest_counts(shards: list[str]) -> Optional[list[int]]:
             return None
         folder = os.path.dirname(os.path.abspath(path))
         if folder not in manifests:
-            manifests[folder] = read_manifest(folder)
+            manifests[folder] = shard_counts(folder)
         entry = manifests[folder].get(os.path.basename(path))
         if entry is None:
             return None
@@ -71,13 +71,18 @@ def _manifest_counts(shards: list[str]) -> Optional[list[int]]:
     return counts
 
 
-def read_manifest(folder: str) -> dict[str, int]:
-    """{shard file name: samples} from folder/manifest.json as written by dsclip.data.shard_writer; {} when absent."""
+def read_manifest(folder: str) -> dict[str, Any]:
+    """folder/manifest.json as written by dsclip.data.shard_writer; {} when absent."""
     path = os.path.join(folder, MANIFEST)
     if not os.path.exists(path):
         return {}
     with open(path) as f:
-        return {s["name"]: int(s["samples"]) for s in json.load(f)["shards"]}
+        return json.load(f)
+
+
+def shard_counts(folder: str) -> dict[str, int]:
+    """{shard file name: samples} from folder's manifest; {} when it has none."""
+    return {s["name"]: int(s["samples"]) for s in read_manifest(folder).get("shards", [])}
 
 
 def _check_local_shards(sources: list[list[str]], patterns: list[str]) -> None:

@@ -69,7 +69,7 @@ class ShardPairs(Dataset):
             if max_samples and len(self.samples) >= max_samples:
                 break
         manifest = read_manifest(str(Path(urls[0]).parent)) if "://" not in urls[0] else {}
-        self.class_names = manifest.get("class_names") if isinstance(manifest, dict) else None
+        self.class_names = manifest.get("class_names")
 
     def __len__(self) -> int:
         return len(self.samples)
