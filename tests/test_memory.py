@@ -106,6 +106,7 @@ print(freed_and_still_resident(), keep_freed_host_memory(), freed_and_still_resi
 """
 
 
+@pytest.mark.multiprocess  # spawns processes; kept out of the quick tier
 def test_glibc_keeps_freed_host_memory_once_asked():
     import subprocess
     import sys

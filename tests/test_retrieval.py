@@ -110,6 +110,7 @@ def measure_memory(n: int, d: int, chunk: int) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.multiprocess  # spawns processes; kept out of the quick tier
 def test_retrieval_memory_is_linear_not_quadratic():
     # A 20k x 20k score matrix would take 1.6 GB; the chunked pass needs ~chunk * N floats.
     result = measure_memory(20_000, 64, 256)

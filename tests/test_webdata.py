@@ -75,6 +75,7 @@ def _rank_main(rank: int, world: int, port: int, urls: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess  # spawns processes; kept out of the quick tier
 def test_two_ranks_two_workers_see_every_sample_once_per_epoch(tmp_path):
     urls = write_shards(tmp_path / "d", n_shards=8, per_shard=12)
     out = tmp_path / "keys.json"
@@ -152,6 +153,7 @@ def test_pipe_urls_read_shards_and_a_failing_pipe_names_the_shard(tmp_path):
         list(loader(WebDataConfig(urls=[broken], train_num_samples=8)))
 
 
+@pytest.mark.multiprocess  # spawns processes; kept out of the quick tier
 def test_stalled_loader_fails_after_timeout(tmp_path):
     write_shards(tmp_path / "d", n_shards=1, per_shard=4)
     cfg = WebDataConfig(urls=[f"pipe:sleep 8; cat {tmp_path}/d/00000.tar"], train_num_samples=4, timeout_s=1)
