@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from dsclip.config import load_config, read_recipe, to_dict
+from dsclip.config import flat_keys, load_config, read_recipe, to_dict
 from dsclip.model.build import build_model
 from dsclip.model.freeze import FULL_WARMUP_STEPS, apply_freeze, recommended_lr_range
 from dsclip.model.run_folder import consolidated_state_dict, read_pointer
@@ -126,22 +126,11 @@ def test_from_scratch_recipe_has_no_pretrained_weights():
     assert cfg.model.pretrained is None and cfg.freeze.strategy == "full"
 
 
-def flat(tree: dict, prefix: str = "") -> dict:
-    """{"a.b": value} for every leaf of a nested mapping (lists are leaves)."""
-    leaves = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            leaves.update(flat(value, f"{prefix}{key}."))
-        else:
-            leaves[f"{prefix}{key}"] = value
-    return leaves
-
-
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_validates_with_the_tiny_overrides(recipe):
     overrides = tiny_overrides(recipe)
-    cfg = flat(to_dict(load_config(str(RECIPE_DIR / recipe), overrides)))
-    original = flat(to_dict(load_config(str(RECIPE_DIR / recipe))))
+    cfg = flat_keys(to_dict(load_config(str(RECIPE_DIR / recipe), overrides)))
+    original = flat_keys(to_dict(load_config(str(RECIPE_DIR / recipe))))
     wanted = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in overrides)}
     # Every swap reached the config...
     assert {key: cfg[key] for key in wanted} == wanted

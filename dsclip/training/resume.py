@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsclip.config import RunConfig, to_dict
+from dsclip.config import RunConfig, flat_keys, to_dict
 from dsclip.errors import CheckpointError
 from dsclip.model.run_folder import resolve_checkpoint
 from dsclip.training.checkpoint import read_rank_state
@@ -40,7 +40,7 @@ def find_resume_point(spec: str, cfg: RunConfig, rank: int, world_size: int) -> 
 
 def resume_conflicts(saved: dict[str, Any], current: dict[str, Any], saved_world: int, world: int) -> list[str]:
     """Differences that make an exact continuation impossible, as 'key: saved -> now' lines."""
-    flat_saved, flat_current = _flatten(saved), _flatten(current)
+    flat_saved, flat_current = flat_keys(saved), flat_keys(current)
     conflicts = [f"{key}: {flat_saved.get(key)!r} -> {flat_current.get(key)!r}"
                  for key in sorted(set(flat_saved) | set(flat_current))
                  if flat_saved.get(key) != flat_current.get(key) and not key.startswith(RESUME_MAY_CHANGE)]
@@ -48,16 +48,6 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any], saved_world
         conflicts.append(f"world size: {saved_world} -> {world} (ZeRO shards are per rank; export the "
                          "checkpoint and start a new run with --pretrained to change it)")
     return conflicts
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def restore(engine, data, point: ResumePoint) -> int:
