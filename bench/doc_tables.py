@@ -396,12 +396,27 @@ def wiseft_stage_times() -> str:
             f"{sum(seconds.values()) / 60:.1f} minutes in all.")
 
 
+# -- bench/test_tiers.py: bench/results/test_tiers.json ----------------------------------------------
+def test_tiers() -> str:
+    """README's Tests section: each tier's wall time and pytest counts in one fresh-clone run."""
+    d = load("test_tiers.json")
+    rows = [[tier, f"`{t['command']}`", f"{t['wall_s'] / 60:.1f} min",
+             ", ".join(f"{n} {kind}" for kind, n in t["counts"].items() if kind != "deselected")]
+            for tier, t in d["tiers"].items()]
+    total = sum(t["wall_s"] for t in d["tiers"].values()) / 60
+    return (table(["tier", "command", "wall time", "result"], "llrl", rows) + "\n\n"
+            f"Measured by `bench/test_tiers.py` in a fresh clone on {d['date']} ({d['cpus']} cores, `CI` set, "
+            f"1-minute load {d['load_before']:.1f} before and {d['load_after']:.1f} after): {total:.0f} minutes of "
+            "tests in all (`bench/results/test_tiers.json`).")
+
+
 BLOCKS: dict[str, Callable[[], str]] = {f.__name__: f for f in [
     default_run_table, default_run_median, default_run_slow_windows, default_run_summary,
     train_table, zero3_repeats_summary, train_ckpt_table, scaling_table,
     loss_conditions, loss_table, loss_largest_batch, loss_speed,
     data_table, data_ratio,
     wiseft_table, wiseft_summary, wiseft_stage_times,
+    test_tiers,
 ]}
 
 
