@@ -86,6 +86,8 @@ def init_distributed() -> None:
     from deepspeed.utils import set_log_level_from_string
     if debug_enabled():  # DeepSpeed set its own logger to WARNING when it was imported
         set_log_level_from_string("info")
+    # Every op DeepSpeed compiles (the CPU all-reduce here, DeepSpeedCPUAdam under offload) goes there.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extension_cache()))  # a user's own choice stays
     on_cpu = get_accelerator().device_name() == "cpu"
     with prints_as_debug("DeepSpeed"), _shared_memory_kernel(built=not on_cpu or shared_memory_wanted()):
         deepspeed.init_distributed(verbose=False)  # it prints a line per rank when it builds the kernel
@@ -124,7 +126,6 @@ def _shared_memory_kernel(built: bool) -> Iterator[None]:
     collective will use it: about a minute on 2 cores the first time on a machine. With
     built=False it is skipped for the start-up inside this block."""
     if built:
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extension_cache()))
         yield
         return
     # `import deepspeed.comm.torch as ...` would give torch itself, which deepspeed.comm imports.
