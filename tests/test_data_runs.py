@@ -8,7 +8,7 @@ import pytest
 from dsclip.config import load_config
 from dsclip.training.ds_config import load_ds_config
 from dsclip_testutils import REPO, ds_config, init_single_rank, make_trainer, read_metrics, require_data, subprocess_env
-from test_webdata import jpeg, write_shards
+from generated_data import jpeg, write_shards
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 

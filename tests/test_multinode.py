@@ -23,7 +23,7 @@ BIN = str(Path(sys.executable).parent)  # deepspeed, torchrun
 
 def train_args(tmp_path: Path, out: Path) -> list[str]:
     args = ["--recipe", str(REPO / "launch" / "recipes" / RECIPE), "--output-dir", str(out)]
-    for item in tiny_overrides(RECIPE) + [f"train.max_steps={STEPS}"]:
+    for item in tiny_overrides(RECIPE, tmp_path / "data") + [f"train.max_steps={STEPS}"]:
         args += ["--set", item]
     return args
 

@@ -5,7 +5,7 @@ import pytest
 from dsclip.errors import CheckpointError
 from dsclip.model.run_folder import read_pointer
 from test_checkpoint import assert_resume_matches, losses_by_step, stop_after, tiny_trainer
-from test_webdata import jpeg, write_shards
+from generated_data import write_pairs_csv, write_shards
 
 # 48 samples of 8: 6 steps an epoch (a checkpoint at its end), so step 8 is mid-epoch in the second.
 RUN = ("train.max_steps=11", "logging.log_every=1", "train.save_every=100", "data.num_workers=2")
@@ -20,13 +20,7 @@ def shard_source(folder) -> tuple[str, ...]:
 
 
 def csv_source(folder) -> tuple[str, ...]:
-    folder.mkdir(parents=True)
-    rows = ["filepath,title"]
-    for i in range(48):
-        (folder / f"{i}.jpg").write_bytes(jpeg(i))
-        rows.append(f"{i}.jpg,sample {i}")
-    (folder / "pairs.csv").write_text("\n".join(rows) + "\n")
-    return "data.kind=csv", f"data.csv.path={folder / 'pairs.csv'}"
+    return "data.kind=csv", f"data.csv.path={write_pairs_csv(folder / 'pairs.csv', 48)}"
 
 
 SOURCES = {"webdataset": shard_source, "csv": csv_source}

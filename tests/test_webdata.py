@@ -1,5 +1,4 @@
 """WebDataset loader: exactly-once epochs across ranks and workers, weighted mixing, bad data, errors, resume."""
-import io
 import json
 import logging
 import os
@@ -11,35 +10,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import webdataset as wds
 from PIL import Image
 
 from dsclip.data.config import WebDataConfig
 from dsclip.data.shards import DataStallError, build_webdataset_loader
-
-
-def jpeg(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def write_shards(folder: Path, n_shards: int, per_shard: int, first_id: int = 0, bad: dict | None = None) -> str:
-    """Shards of samples whose caption is 'sample <id>'; bad maps id -> {'jpg': ..., 'txt': ...} overrides."""
-    folder.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for s in range(n_shards):
-        name = f"{s:05d}.tar"
-        with wds.TarWriter(str(folder / name)) as w:
-            for i in range(per_shard):
-                sid = first_id + s * per_shard + i
-                sample = {"__key__": f"{sid:08d}", "jpg": jpeg(sid), "txt": f"sample {sid}"}
-                sample.update((bad or {}).get(sid, {}))
-                w.write(sample)
-        shards.append({"name": name, "samples": per_shard})
-    (folder / "manifest.json").write_text(json.dumps({"shards": shards, "total": n_shards * per_shard}))
-    return str(folder / f"{{00000..{n_shards - 1:05d}}}.tar")
+from generated_data import jpeg, write_shards
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
