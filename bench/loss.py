@@ -10,8 +10,9 @@ forward+backward. The two losses alternate, in swapped order each round, for up 
 --repeats rounds (fewer where one round is slow, see --point-budget-s); times are medians,
 so a shared machine's changing load hits both alike. ClipLoss runs whose predicted memory
 (per-rank bytes per logit x b x B, from the largest batch measured so far) exceeds
---host-budget-gb or 80% of the memory available now are skipped and extrapolated (memory
-and time grow as b x B for ClipLoss); the table marks them with '*'. Prints a table and
+--host-budget-gb or 80% of the memory available now (on a GPU: 80% of its free memory, with
+16 bytes a logit before any batch was measured) are skipped and extrapolated (memory and time
+grow as b x B for ClipLoss); the table marks them with '*'. Prints a table and
 writes JSON.
 """
 import argparse
@@ -73,6 +74,18 @@ def make_loss(name: str, args: argparse.Namespace):
         from open_clip.loss import ClipLoss
         return ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
     return build_loss(LossConfig(impl=args.impl, chunk_rows=args.chunk_rows))
+
+
+# ClipLoss's peak per logit before any batch was measured (a GPU run may start at a batch whose
+# logits cannot fit): bf16 logits both ways and their softmax and gradients, upcast in places.
+CLIP_LOSS_BYTES_PER_LOGIT = 16
+
+
+def _room(args: argparse.Namespace) -> float:
+    """Bytes a ClipLoss run may take: the budget (CPU) or 80% of the free GPU memory."""
+    if args.device == "cuda":
+        return 0.8 * torch.cuda.mem_get_info()[0]
+    return min(args.host_budget_gb * GB, 0.8 * _available_bytes())
 
 
 def _available_bytes() -> int:
@@ -163,9 +176,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         b = batch // world
         losses = {}
         for name, loss_fn in all_losses.items():
-            predicted = None if bytes_per_logit[name] is None else bytes_per_logit[name] * b * batch
-            room = min(args.host_budget_gb * GB, 0.8 * _available_bytes()) if args.device == "cpu" else float("inf")
-            fits = name != "open_clip" or predicted is None or predicted * world <= room
+            per_logit = bytes_per_logit[name] or (CLIP_LOSS_BYTES_PER_LOGIT if args.device == "cuda" else None)
+            predicted = None if per_logit is None else per_logit * b * batch
+            fits = name != "open_clip" or predicted is None or predicted * world <= _room(args)
             if _agree(float(fits), dist.ReduceOp.MIN, args.device):  # all ranks skip together
                 losses[name] = loss_fn
             else:

@@ -27,3 +27,7 @@ class PretrainedError(UserError):
 
 class WiseFtError(PretrainedError):
     """The two weight sources cannot be mixed (different architectures)."""
+
+
+class LossKernelError(UserError):
+    """The Triton loss kernels disagree with their PyTorch twin on this device: use the twin."""

@@ -2,41 +2,133 @@
 
 One rank holds image rows I (b x d) and all gathered texts T (B x d). The logits
 S = scale * I @ T.T are only ever formed tile by tile (BLOCK_M x BLOCK_N), with fp32
-accumulation whatever the input dtype (fp32 or bf16). Four primitives, shared with the
-PyTorch twin (`kernels.contrastive_twin.TwinOps`, the reference for these kernels):
+accumulation whatever the input dtype (fp32, bf16 or fp16: low precision takes the tensor
+cores). Four primitives, shared with the PyTorch twin (`kernels.contrastive_twin.TwinOps`,
+the reference for these kernels):
 
-- clip_stats: row log-sum-exp (b) and this rank's partial column max / sum-exp (B), from
-  one pass over the tiles (both directions from the same tiles).
+- clip_stats: row log-sum-exp (b) and this rank's column max / sum-exp (B) from one pass
+  over the tiles (both directions from the same tiles).
 - clip_grads: recomputes the tiles, forms dS = row_coef * (P_row - D) + (P_col - D) * col_coef
   (D = positive pairs: column offset + row) and returns the raw gradients dS @ T (b x d)
-  and dS.T @ I (B x d) in the same pass.
+  and dS.T @ I (B x d).
 - siglip_row_loss / siglip_grads: the same for softplus(-z * (S + bias)), z = +1 on pairs.
 
 "Raw" gradients are w.r.t. the unscaled features' product: d_image = scale * raw_image,
-d_texts = scale * raw_texts, and d_scale = sum(raw_image * I), so no kernel needs the
-logit-scale gradient's own reduction. Triton runs on CPU only under TRITON_INTERPRET=1,
-set before this module is imported.
+d_texts = scale * raw_texts, and d_scale = sum(raw_image * I) = sum(raw_texts * T), so no
+kernel needs the logit-scale gradient's own reduction.
+
+Work split. Every kernel runs on a 2-D grid, (row blocks x column splits) forward and for
+d_image, (column blocks x row splits) for d_texts, with the split count chosen so that the
+programs launched reach `programs` (2 per SM) whatever b is. Each program writes only its own
+slice of a partial buffer sized by that grid; the partials are merged by torch in a fixed
+order. No atomics, no read of another launch's output: a launch's result depends on its
+inputs alone, so every tile config gives the same answer on the first call, and two calls
+give bit-identical gradients. Tile configs are chosen per shape bucket by `_TileTuner`, not
+`triton.autotune`: the buffers depend on the config's tile sizes, which autotune fixes only
+after the arguments are allocated.
+
+Triton runs on CPU only under TRITON_INTERPRET=1, set before this module is imported.
 """
 import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _tile_configs() -> list[triton.Config]:
-    if INTERPRET:  # numpy interpreter: one config, big enough to be quick, small enough for ragged tests
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-        for bm, bn, bk, w, st in [
-            (64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3),
-            (128, 128, 32, 8, 3), (128, 128, 64, 8, 2), (64, 64, 64, 4, 2),
-        ]
-    ]
+@dataclass(frozen=True)
+class Tiles:
+    """One tile config: block sizes and the launch's warps and pipeline stages."""
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
 
+    def launch_args(self) -> dict[str, int]:
+        sizes = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
+        return sizes if INTERPRET else {**sizes, "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+# The configs the tuner tries on a GPU. The interpreter gets one small config: it times nothing
+# useful, and 32-wide tiles keep ragged tests small (tests force the GPU list there too).
+GPU_TILES = [Tiles(64, 64, 32, 4, 3), Tiles(64, 128, 32, 4, 3), Tiles(128, 64, 32, 4, 3),
+             Tiles(128, 128, 32, 8, 3), Tiles(128, 128, 64, 8, 2), Tiles(64, 64, 64, 4, 2)]
+INTERPRETER_TILES = [Tiles(32, 32, 32)]
+
+
+def tile_configs() -> list[Tiles]:
+    return INTERPRETER_TILES if INTERPRET else GPU_TILES
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(n, 1))
+
+
+class _TileTuner:
+    """Chooses the fastest tile config once per (primitive, dtype, shape bucket) by timing each.
+
+    Every config's launch allocates its own outputs, so timing one leaves nothing behind that
+    another reads, and the call that chose a config returns that config's own result.
+    """
+
+    def __init__(self, configs: list[Tiles]):
+        self.configs = configs
+        self.best: dict[tuple, Tiles] = {}
+
+    def run(self, key: tuple, launch: Callable[[Tiles], Any], cuda: bool) -> Any:
+        tiles = self.best.get(key)
+        if tiles is None:
+            tiles = self.configs[0] if len(self.configs) == 1 else min(self.configs, key=lambda t: _seconds(launch, t, cuda))
+            self.best[key] = tiles
+        return launch(tiles)
+
+
+def _seconds(launch: Callable[[Tiles], Any], tiles: Tiles, cuda: bool) -> float:
+    """One config's time for one launch (after a first, compiling one on CUDA). Long launches
+    are timed once: do_bench's repeats would cost seconds per config at B = 256k."""
+    if not cuda:
+        began = time.perf_counter()
+        launch(tiles)
+        return time.perf_counter() - began
+    launch(tiles)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    launch(tiles)
+    end.record()
+    end.synchronize()
+    once_ms = start.elapsed_time(end)
+    return once_ms if once_ms >= 5 else triton.testing.do_bench(lambda: launch(tiles), warmup=5, rep=20)
+
+
+@dataclass(frozen=True)
+class _Split:
+    """A 2-D grid over an (n_own x n_walk) tile space: `blocks` owned blocks, each of whose walk
+    over the other side is cut into `splits` runs of `tiles_per_split` tiles."""
+    blocks: int
+    splits: int
+    tiles_per_split: int
+
+    @classmethod
+    def of(cls, n_own: int, block_own: int, n_walk: int, block_walk: int, programs: int) -> "_Split":
+        blocks, walk_tiles = triton.cdiv(n_own, block_own), triton.cdiv(n_walk, block_walk)
+        wanted = min(max(1, triton.cdiv(programs, blocks)), walk_tiles)
+        per_split = triton.cdiv(walk_tiles, wanted)
+        return cls(blocks, triton.cdiv(walk_tiles, per_split), per_split)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.blocks, self.splits
+
+
+# ---- device helpers -------------------------------------------------------------------------
 
 @triton.jit
 def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -48,6 +140,14 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     else:
         acc = tl.dot(a, b, acc)
     return acc
+
+
+@triton.jit
+def _log1p(x):
+    # log(1 + x) without losing x when it is tiny (Goldberg's correction); Triton's libdevice
+    # log1p does not run under the interpreter
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))
 
 
 @triton.jit
@@ -68,125 +168,184 @@ def _dot_tile(img_ptr, txt_ptr, rows, cols, row_ok, col_ok, dim, stride_i, strid
     return acc
 
 
-@triton.autotune(configs=_tile_configs(), key=["n_cols", "dim"])
 @triton.jit
-def _clip_stats_kernel(img_ptr, txt_ptr, scale_ptr, row_lse_ptr, col_max_ptr, col_sum_ptr,
-                       n_rows, n_cols, dim, stride_i, stride_t,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    # Persistent programs: program p owns row p of the (programs x B) column-stat buffers,
-    # so the partial column LSE costs O(programs x B) memory, not O(b/BLOCK_M x B).
-    pid = tl.program_id(0)
-    n_prog = tl.num_programs(0)
-    scale = tl.load(scale_ptr).to(tl.float32)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    stats = pid * n_cols
-    for rb in range(pid, tl.cdiv(n_rows, BLOCK_M), n_prog):
-        rows = rb * BLOCK_M + offs_m
-        row_ok = rows < n_rows
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for cb in range(0, tl.cdiv(n_cols, BLOCK_N)):
-            cols = cb * BLOCK_N + offs_n
-            col_ok = cols < n_cols
-            s = scale * _dot_tile(img_ptr, txt_ptr, rows, cols, row_ok, col_ok, dim, stride_i,
-                                  stride_t, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
-            # online row LSE over column tiles
-            s_row = tl.where(col_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s_row, 1))
-            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s_row - m_new[:, None]), 1)
-            m_i = m_new
-            # merge this tile's column stats into the program's running ones
-            s_col = tl.where(row_ok[:, None], s, float("-inf"))
-            tile_max = tl.max(s_col, 0)
-            keep = col_ok & (rb != pid)
-            old_max = tl.load(col_max_ptr + stats + cols, mask=keep, other=float("-inf"))
-            old_sum = tl.load(col_sum_ptr + stats + cols, mask=keep, other=0.0)
-            new_max = tl.maximum(old_max, tile_max)
-            new_sum = old_sum * tl.exp(old_max - new_max) + tl.sum(tl.exp(s_col - new_max[None, :]), 0)
-            tl.store(col_max_ptr + stats + cols, new_max, mask=col_ok)
-            tl.store(col_sum_ptr + stats + cols, new_sum, mask=col_ok)
-        tl.store(row_lse_ptr + rows, m_i + tl.log(l_i), mask=row_ok)
-        # stats written by some threads are read by others on the next row block
-        tl.debug_barrier()
+def _block(pid, BLOCK: tl.constexpr):
+    """Indices of block `pid` as int64, so index x stride products cannot overflow int32."""
+    return (pid * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)  # the start itself is < n, so fits int32
 
 
-@triton.autotune(configs=_tile_configs(), key=["n_cols", "dim"])
 @triton.jit
-def _siglip_loss_kernel(img_ptr, txt_ptr, scale_ptr, bias_ptr, row_loss_ptr,
-                        n_rows, n_cols, dim, offset, stride_i, stride_t,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    scale = tl.load(scale_ptr).to(tl.float32)
-    bias = tl.load(bias_ptr).to(tl.float32)
-    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for cb in range(0, tl.cdiv(n_cols, BLOCK_N)):
-        cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_cols
-        x = _dot_tile(img_ptr, txt_ptr, rows, cols, row_ok, col_ok, dim, stride_i, stride_t,
-                      BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
-        t = tl.where((rows[:, None] + offset) == cols[None, :], 1.0, -1.0) * -(scale * x + bias)
-        softplus = tl.maximum(t, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(t)))
-        acc += tl.sum(tl.where(col_ok[None, :], softplus, 0.0), 1)
-    tl.store(row_loss_ptr + rows, acc, mask=row_ok)
-
-
-@triton.autotune(configs=_tile_configs(), key=["n_cols", "dim", "SIGLIP"],
-                 reset_to_zero=["d_img_ptr", "d_txt_ptr", "d_bias_ptr"])
-@triton.jit
-def _grads_kernel(img_ptr, txt_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr,
-                  row_coef_ptr, col_coef_ptr, d_img_ptr, d_txt_ptr, d_bias_ptr,
-                  n_rows, n_cols, dim, offset, stride_i, stride_t,
-                  SIGLIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    # One tile per program: recompute S, form dS, and add dS @ T and dS.T @ I (fp32 atomics)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    col_ok = cols < n_cols
-    valid = row_ok[:, None] & col_ok[None, :]
+def _grad_tile(s, rows, cols, row_ok, col_ok, offset, bias, row_coef, row_lse_ptr, col_lse_ptr,
+               col_coef_ptr, SIGLIP: tl.constexpr):
+    """dLoss/dS on one tile of (scaled) logits s; 0 outside the valid rows and columns."""
     pair = (rows[:, None] + offset) == cols[None, :]
-    scale = tl.load(scale_ptr).to(tl.float32)
-    row_coef = tl.load(row_coef_ptr).to(tl.float32)
-    s = scale * _dot_tile(img_ptr, txt_ptr, rows, cols, row_ok, col_ok, dim, stride_i, stride_t,
-                          BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
     if SIGLIP:
         z = tl.where(pair, 1.0, -1.0)
-        ds = -z * tl.sigmoid(-z * (s + tl.load(bias_ptr).to(tl.float32))) * row_coef
-        ds = tl.where(valid, ds, 0.0)
-        tl.atomic_add(d_bias_ptr, tl.sum(tl.sum(ds, 1), 0))
+        ds = -z * tl.sigmoid(-z * (s + bias)) * row_coef
     else:
         row_lse = tl.load(row_lse_ptr + rows, mask=row_ok, other=0.0)
         col_lse = tl.load(col_lse_ptr + cols, mask=col_ok, other=0.0)
         col_coef = tl.load(col_coef_ptr + cols, mask=col_ok, other=0.0)
         ds = row_coef * tl.exp(s - row_lse[:, None]) + col_coef[None, :] * tl.exp(s - col_lse[None, :])
         ds = tl.where(pair, ds - row_coef - col_coef[None, :], ds)
-        ds = tl.where(valid, ds, 0.0)
-    offs_k = tl.arange(0, BLOCK_K)
-    for k in range(0, dim, BLOCK_K):
-        ks = k + offs_k
-        k_ok = ks < dim
-        img = tl.load(img_ptr + rows[:, None] * stride_i + ks[None, :],
-                      mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        txt = tl.load(txt_ptr + cols[:, None] * stride_t + ks[None, :],
-                      mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        d_img = _mma(ds.to(txt.dtype), txt, tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32), UPCAST, IEEE)
-        d_txt = _mma(tl.trans(ds).to(img.dtype), img, tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32),
-                     UPCAST, IEEE)
-        tl.atomic_add(d_img_ptr + rows[:, None] * dim + ks[None, :], d_img,
-                      mask=row_ok[:, None] & k_ok[None, :])
-        tl.atomic_add(d_txt_ptr + cols[:, None] * dim + ks[None, :], d_txt,
-                      mask=col_ok[:, None] & k_ok[None, :])
+    return tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
 
+
+# ---- forward kernels ------------------------------------------------------------------------
+
+@triton.jit
+def _clip_stats_kernel(img_ptr, txt_ptr, scale_ptr, row_max_ptr, row_sum_ptr, col_max_ptr, col_sum_ptr,
+                       n_rows, n_cols, dim, stride_i, stride_t, tiles_per_split,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # Program (row block m, column split c): the online max / sum-exp of its rows over the
+    # split's column tiles goes to row c of the (splits x b) row partials; each column tile's
+    # max / sum-exp over the block's rows goes to row m of the (row blocks x B) column partials.
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    rows = _block(pid_m, BLOCK_M)
+    row_ok = rows < n_rows
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    first = pid_c * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(n_cols, BLOCK_N))
+    col_stats = pid_m.to(tl.int64) * n_cols
+    for cb in range(first, last):
+        cols = _block(cb, BLOCK_N)
+        col_ok = cols < n_cols
+        s = scale * _dot_tile(img_ptr, txt_ptr, rows, cols, row_ok, col_ok, dim, stride_i,
+                              stride_t, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
+        s_row = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s_row, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s_row - m_new[:, None]), 1)
+        m_i = m_new
+        s_col = tl.where(row_ok[:, None], s, float("-inf"))
+        tile_max = tl.max(s_col, 0)
+        tl.store(col_max_ptr + col_stats + cols, tile_max, mask=col_ok)
+        tl.store(col_sum_ptr + col_stats + cols, tl.sum(tl.exp(s_col - tile_max[None, :]), 0), mask=col_ok)
+    row_stats = pid_c.to(tl.int64) * n_rows
+    tl.store(row_max_ptr + row_stats + rows, m_i, mask=row_ok)
+    tl.store(row_sum_ptr + row_stats + rows, l_i, mask=row_ok)
+
+
+@triton.jit
+def _siglip_loss_kernel(img_ptr, txt_ptr, scale_ptr, bias_ptr, row_loss_ptr,
+                        n_rows, n_cols, dim, offset, stride_i, stride_t, tiles_per_split,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # Program (row block m, column split c) sums its rows' losses over the split's column tiles
+    # into row c of the (splits x b) partials.
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = _block(pid_m, BLOCK_M)
+    row_ok = rows < n_rows
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    first = pid_c * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(n_cols, BLOCK_N))
+    for cb in range(first, last):
+        cols = _block(cb, BLOCK_N)
+        col_ok = cols < n_cols
+        x = _dot_tile(img_ptr, txt_ptr, rows, cols, row_ok, col_ok, dim, stride_i, stride_t,
+                      BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
+        t = tl.where((rows[:, None] + offset) == cols[None, :], 1.0, -1.0) * -(scale * x + bias)
+        softplus = tl.maximum(t, 0.0) + _log1p(tl.exp(-tl.abs(t)))
+        acc += tl.sum(tl.where(col_ok[None, :], softplus, 0.0), 1)
+    tl.store(row_loss_ptr + pid_c.to(tl.int64) * n_rows + rows, acc, mask=row_ok)
+
+
+# ---- backward kernels (the FlashAttention-2 split: one owns rows, one owns columns) ----------
+
+@triton.jit
+def _image_grads_kernel(img_ptr, txt_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, row_coef_ptr,
+                        col_coef_ptr, d_img_ptr, d_sum_ptr, n_rows, n_cols, dim, offset, stride_i, stride_t,
+                        tiles_per_split, SIGLIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # Program (row block m, column split c) owns rows m of slice c of the (splits x b x d) d_image
+    # partials: it recomputes its tiles and adds dS @ T into them, in column order.
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = _block(pid_m, BLOCK_M)
+    row_ok = rows < n_rows
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    row_coef = tl.load(row_coef_ptr).to(tl.float32)
+    out = d_img_ptr + pid_c.to(tl.int64) * n_rows * dim
+    offs_k = tl.arange(0, BLOCK_K)
+    d_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    first = pid_c * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(n_cols, BLOCK_N))
+    for cb in range(first, last):
+        cols = _block(cb, BLOCK_N)
+        col_ok = cols < n_cols
+        s = scale * _dot_tile(img_ptr, txt_ptr, rows, cols, row_ok, col_ok, dim, stride_i, stride_t,
+                              BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
+        ds = _grad_tile(s, rows, cols, row_ok, col_ok, offset, bias, row_coef, row_lse_ptr, col_lse_ptr,
+                        col_coef_ptr, SIGLIP)
+        d_sum += tl.sum(ds, 1)
+        for k in range(0, dim, BLOCK_K):
+            ks = k + offs_k
+            k_ok = ks < dim
+            txt = tl.load(txt_ptr + cols[:, None] * stride_t + ks[None, :],
+                          mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            where = out + rows[:, None] * dim + ks[None, :]
+            mask = row_ok[:, None] & k_ok[None, :]
+            acc = _mma(ds.to(txt.dtype), txt, tl.load(where, mask=mask, other=0.0), UPCAST, IEEE)
+            tl.store(where, acc, mask=mask)
+    tl.store(d_sum_ptr + pid_c.to(tl.int64) * n_rows + rows, d_sum, mask=row_ok)
+
+
+@triton.jit
+def _text_grads_kernel(img_ptr, txt_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, row_coef_ptr,
+                       col_coef_ptr, d_txt_ptr, d_sum_ptr, n_rows, n_cols, dim, offset, stride_i, stride_t,
+                       tiles_per_split, SIGLIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # Program (column block n, row split r) owns columns n of slice r of the (splits x B x d)
+    # d_texts partials: it recomputes its tiles and adds dS.T @ I into them, in row order.
+    pid_n = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    cols = _block(pid_n, BLOCK_N)
+    col_ok = cols < n_cols
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    row_coef = tl.load(row_coef_ptr).to(tl.float32)
+    out = d_txt_ptr + pid_r.to(tl.int64) * n_cols * dim
+    offs_k = tl.arange(0, BLOCK_K)
+    d_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    first = pid_r * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(n_rows, BLOCK_M))
+    for rb in range(first, last):
+        rows = _block(rb, BLOCK_M)
+        row_ok = rows < n_rows
+        s = scale * _dot_tile(img_ptr, txt_ptr, rows, cols, row_ok, col_ok, dim, stride_i, stride_t,
+                              BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
+        ds = _grad_tile(s, rows, cols, row_ok, col_ok, offset, bias, row_coef, row_lse_ptr, col_lse_ptr,
+                        col_coef_ptr, SIGLIP)
+        d_sum += tl.sum(ds, 0)
+        for k in range(0, dim, BLOCK_K):
+            ks = k + offs_k
+            k_ok = ks < dim
+            img = tl.load(img_ptr + rows[:, None] * stride_i + ks[None, :],
+                          mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            where = out + cols[:, None] * dim + ks[None, :]
+            mask = col_ok[:, None] & k_ok[None, :]
+            acc = _mma(tl.trans(ds).to(img.dtype), img, tl.load(where, mask=mask, other=0.0), UPCAST, IEEE)
+            tl.store(where, acc, mask=mask)
+    tl.store(d_sum_ptr + pid_r.to(tl.int64) * n_cols + cols, d_sum, mask=col_ok)
+
+
+# ---- host side ------------------------------------------------------------------------------
 
 def _check(image: torch.Tensor, texts: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     if image.dim() != 2 or texts.dim() != 2 or image.shape[1] != texts.shape[1]:
         raise ValueError(f"features must be (b, d) and (B, d); got {tuple(image.shape)} and {tuple(texts.shape)}")
-    if image.dtype != texts.dtype or image.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"feature dtypes must both be float32 or bfloat16; got {image.dtype}, {texts.dtype}")
+    if image.shape[0] == 0 or texts.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"empty features {tuple(image.shape)} and {tuple(texts.shape)}: the loss needs at least "
+                         "one image-text pair per rank (check data.batch_size and the last, partial batch)")
+    if image.dtype != texts.dtype or image.dtype not in DTYPES:
+        raise ValueError(f"feature dtypes must match and be float32, bfloat16 or float16; got {image.dtype}, {texts.dtype}")
     if not (image.is_cuda or INTERPRET):
         raise ValueError("Triton loss kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
                          "use loss.impl=torch_tiled on CPU")
@@ -205,65 +364,112 @@ def _scalar(x: torch.Tensor) -> torch.Tensor:
     return x.detach().reshape(1).float().contiguous()
 
 
+def _merge_lse_parts(maxes: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max / sum-exp over dim 0 of partial (max, sum-exp) pairs."""
+    merged = maxes.amax(0)
+    return merged, (sums * (maxes - merged).exp()).sum(0)
+
+
 class TritonOps:
     """The four tiled contrastive primitives as Triton kernels (see module docstring)."""
 
-    def __init__(self, max_programs: int = 0):
-        # 0: one persistent stats program per SM (x2); tests set small counts to exercise merging
-        self.max_programs = max_programs
+    def __init__(self, programs: int = 0, configs: Optional[list[Tiles]] = None):
+        # programs: how many programs a launch aims for (0: 2 per SM on CUDA, 4 in the interpreter);
+        # configs: the tile configs to tune over (default: tile_configs())
+        self.programs = programs
+        self.tuner = _TileTuner(configs or tile_configs())
 
     def clip_stats(self, image: torch.Tensor, texts: torch.Tensor,
                    scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image, texts = _check(image, texts)
-        b, n_cols = image.shape[0], texts.shape[0]
-        programs = self.max_programs or (
-            2 * torch.cuda.get_device_properties(image.device).multi_processor_count if image.is_cuda else 2)
-        row_lse = torch.empty(b, dtype=torch.float32, device=image.device)
-        # (programs x B) partial column stats, merged below: O(B) memory for a fixed program count
-        col_max = torch.full((programs, n_cols), float("-inf"), dtype=torch.float32, device=image.device)
-        col_sum = torch.zeros(programs, n_cols, dtype=torch.float32, device=image.device)
-        grid = lambda meta: (min(programs, triton.cdiv(b, meta["BLOCK_M"])),)  # noqa: E731
-        _clip_stats_kernel[grid](image, texts, _scalar(scale), row_lse, col_max, col_sum,
-                                 b, n_cols, image.shape[1], image.stride(0), texts.stride(0), **_flags(image))
-        merged_max = col_max.amax(0)
-        merged_sum = (col_sum * (col_max - merged_max).exp()).sum(0)
-        return row_lse, merged_max, merged_sum
+        b, n_cols, dim = image.shape[0], texts.shape[0], image.shape[1]
+
+        def launch(t: Tiles) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            split = _Split.of(b, t.block_m, n_cols, t.block_n, self._programs(image))
+            row_max, row_sum = (image.new_empty((split.splits, b), dtype=torch.float32) for _ in range(2))
+            col_max, col_sum = (image.new_empty((split.blocks, n_cols), dtype=torch.float32) for _ in range(2))
+            _clip_stats_kernel[split.grid](image, texts, _scalar(scale), row_max, row_sum, col_max, col_sum,
+                                           b, n_cols, dim, image.stride(0), texts.stride(0), split.tiles_per_split,
+                                           **_flags(image), **t.launch_args())
+            row_max, row_sum = _merge_lse_parts(row_max, row_sum)
+            return (row_max + row_sum.log(), *_merge_lse_parts(col_max, col_sum))
+
+        return self.tuner.run(("clip_stats", *self._key(image, texts)), launch, image.is_cuda)
 
     def clip_grads(self, image: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
                    row_lse: torch.Tensor, col_lse: torch.Tensor, row_coef: torch.Tensor,
-                   col_coef: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   col_coef: torch.Tensor, offset: int, need_image: bool = True,
+                   need_texts: bool = True) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         image, texts = _check(image, texts, offset)
-        d_image, d_texts, _ = self._grads(image, texts, scale, torch.zeros(1, device=image.device),
-                                          row_lse.float().contiguous(), col_lse.float().contiguous(),
-                                          row_coef, col_coef.float().contiguous(), offset, siglip=False)
+        zero = torch.zeros(1, device=image.device)
+        d_image, d_texts, _ = self._grads(image, texts, scale, zero, row_lse.float().contiguous(),
+                                          col_lse.float().contiguous(), row_coef, col_coef.float().contiguous(),
+                                          offset, False, need_image, need_texts)
         return d_image, d_texts
 
     def siglip_row_loss(self, image: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
                         bias: torch.Tensor, offset: int) -> torch.Tensor:
         image, texts = _check(image, texts, offset)
-        b, n_cols = image.shape[0], texts.shape[0]
-        row_loss = torch.empty(b, dtype=torch.float32, device=image.device)
-        grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]),)  # noqa: E731
-        _siglip_loss_kernel[grid](image, texts, _scalar(scale), _scalar(bias), row_loss, b, n_cols,
-                                  image.shape[1], offset, image.stride(0), texts.stride(0), **_flags(image))
-        return row_loss
+        b, n_cols, dim = image.shape[0], texts.shape[0], image.shape[1]
+
+        def launch(t: Tiles) -> torch.Tensor:
+            split = _Split.of(b, t.block_m, n_cols, t.block_n, self._programs(image))
+            row_loss = image.new_empty((split.splits, b), dtype=torch.float32)
+            _siglip_loss_kernel[split.grid](image, texts, _scalar(scale), _scalar(bias), row_loss, b, n_cols, dim,
+                                            offset, image.stride(0), texts.stride(0), split.tiles_per_split,
+                                            **_flags(image), **t.launch_args())
+            return row_loss.sum(0)
+
+        return self.tuner.run(("siglip_row_loss", *self._key(image, texts)), launch, image.is_cuda)
 
     def siglip_grads(self, image: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
-                     bias: torch.Tensor, coef: torch.Tensor,
-                     offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     bias: torch.Tensor, coef: torch.Tensor, offset: int, need_image: bool = True,
+                     need_texts: bool = True) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
         image, texts = _check(image, texts, offset)
         unused = torch.zeros(1, device=image.device)
-        return self._grads(image, texts, scale, bias, unused, unused, coef, unused, offset, siglip=True)
+        return self._grads(image, texts, scale, bias, unused, unused, coef, unused, offset, True,
+                           need_image, need_texts)
+
+    def _grads(self, image, texts, scale, bias, row_lse, col_lse, row_coef, col_coef, offset, siglip,
+               need_image, need_texts):
+        """Raw (d_image or None, d_texts or None, sum of dS). With neither side needed, the texts'
+        pass still runs: sum(dS) and the scale's gradient come from it."""
+        b, n_cols, dim = image.shape[0], texts.shape[0], image.shape[1]
+        need_texts = need_texts or not need_image
+        inputs = (image, texts, _scalar(scale), _scalar(bias), row_lse, col_lse, _scalar(row_coef), col_coef)
+        sizes = (b, n_cols, dim, offset, image.stride(0), texts.stride(0))
+        key = self._key(image, texts)
+
+        def image_pass(t: Tiles) -> tuple[torch.Tensor, torch.Tensor]:
+            split = _Split.of(b, t.block_m, n_cols, t.block_n, self._programs(image))
+            d_img = torch.zeros(split.splits, b, dim, dtype=torch.float32, device=image.device)
+            d_sum = image.new_empty((split.splits, b), dtype=torch.float32)
+            _image_grads_kernel[split.grid](*inputs, d_img, d_sum, *sizes, split.tiles_per_split,
+                                            SIGLIP=siglip, **_flags(image), **t.launch_args())
+            return d_img.sum(0), d_sum.sum()
+
+        def text_pass(t: Tiles) -> tuple[torch.Tensor, torch.Tensor]:
+            split = _Split.of(n_cols, t.block_n, b, t.block_m, self._programs(image))
+            d_txt = torch.zeros(split.splits, n_cols, dim, dtype=torch.float32, device=image.device)
+            d_sum = image.new_empty((split.splits, n_cols), dtype=torch.float32)
+            _text_grads_kernel[split.grid](*inputs, d_txt, d_sum, *sizes, split.tiles_per_split,
+                                           SIGLIP=siglip, **_flags(image), **t.launch_args())
+            return d_txt.sum(0), d_sum.sum()
+
+        kind = "siglip" if siglip else "clip"
+        d_image = d_texts = d_sum = None
+        if need_image:
+            d_image, d_sum = self.tuner.run((kind, "image_grads", *key), image_pass, image.is_cuda)
+        if need_texts:
+            d_texts, text_sum = self.tuner.run((kind, "text_grads", *key), text_pass, image.is_cuda)
+            d_sum = text_sum if d_sum is None else d_sum
+        return d_image, d_texts, d_sum.reshape(())
+
+    def _programs(self, x: torch.Tensor) -> int:
+        if self.programs:
+            return self.programs
+        return 2 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
 
     @staticmethod
-    def _grads(image, texts, scale, bias, row_lse, col_lse, row_coef, col_coef, offset, siglip):
-        b, n_cols, dim = image.shape[0], texts.shape[0], image.shape[1]
-        d_image = torch.zeros(b, dim, dtype=torch.float32, device=image.device)
-        d_texts = torch.zeros(n_cols, dim, dtype=torch.float32, device=image.device)
-        d_bias = torch.zeros(1, dtype=torch.float32, device=image.device)
-        grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), triton.cdiv(n_cols, meta["BLOCK_N"]))  # noqa: E731
-        _grads_kernel[grid](image, texts, _scalar(scale), _scalar(bias), row_lse, col_lse,
-                            _scalar(row_coef), col_coef, d_image, d_texts, d_bias,
-                            b, n_cols, dim, offset, image.stride(0), texts.stride(0),
-                            SIGLIP=siglip, **_flags(image))
-        return d_image, d_texts, d_bias.reshape(())
+    def _key(image: torch.Tensor, texts: torch.Tensor) -> tuple:
+        return image.dtype, _bucket(image.shape[0]), _bucket(texts.shape[0]), image.shape[1]

@@ -5,6 +5,8 @@ rows (b x d) against all gathered texts (B x d); no (b x B) logits matrix is eve
 only two (chunk x B) fp32 work buffers. Gradients come back "raw" per the contract of
 `kernels.contrastive` (see its module docstring): the caller never needs the logits.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -61,13 +63,14 @@ class TwinOps:
 
     def clip_grads(self, image: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
                    row_lse: torch.Tensor, col_lse: torch.Tensor, row_coef: torch.Tensor,
-                   col_coef: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw gradients (dS @ T, dS.T @ I) for dS = row_coef*(P_row - D) + (P_col - D)*col_coef."""
+                   col_coef: torch.Tensor, offset: int, need_image: bool = True,
+                   need_texts: bool = True) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Raw gradients (dS @ T, dS.T @ I) for dS = row_coef*(P_row - D) + (P_col - D)*col_coef;
+        None for a side not needed (the texts' side is computed when neither is)."""
         b, n_cols = image.shape[0], texts.shape[0]
         txt = texts.float()
         s = scale.float().reshape(())
-        d_image = torch.empty(b, txt.shape[1], dtype=torch.float32, device=image.device)
-        d_texts = torch.zeros_like(txt)
+        d_image, d_texts = self._grad_buffers(b, txt, need_image, need_texts)
         logits, work = self._buffers(b, n_cols, image.device)
         for start in range(0, b, self.chunk_rows):
             img = image[start:start + self.chunk_rows].float()
@@ -78,8 +81,7 @@ class TwinOps:
             grad = chunk.sub_(col_lse).exp_().mul_(col_coef).addcmul_(p_row, row_coef)
             first = offset + start  # this chunk's positive pairs: (r, first + r)
             grad.diagonal(first).sub_(col_coef[first:first + n] + row_coef)
-            torch.mm(grad, txt, out=d_image[start:start + n])
-            d_texts.addmm_(grad.T, img)
+            self._add_grads(grad, img, txt, start, d_image, d_texts)
         return d_image, d_texts
 
     def siglip_row_loss(self, image: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
@@ -98,14 +100,14 @@ class TwinOps:
         return row_loss
 
     def siglip_grads(self, image: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
-                     bias: torch.Tensor, coef: torch.Tensor,
-                     offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Raw gradients (dS @ T, dS.T @ I, sum dS) for dS = -z * sigmoid(-z * logits) * coef."""
+                     bias: torch.Tensor, coef: torch.Tensor, offset: int, need_image: bool = True,
+                     need_texts: bool = True) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+        """Raw gradients (dS @ T, dS.T @ I, sum dS) for dS = -z * sigmoid(-z * logits) * coef;
+        None for a side not needed, as in clip_grads."""
         b, n_cols = image.shape[0], texts.shape[0]
         txt = texts.float()
         s = scale.float().reshape(())
-        d_image = torch.empty(b, txt.shape[1], dtype=torch.float32, device=image.device)
-        d_texts = torch.zeros_like(txt)
+        d_image, d_texts = self._grad_buffers(b, txt, need_image, need_texts)
         d_bias = torch.zeros((), dtype=torch.float32, device=image.device)
         (logits,) = self._buffers(b, n_cols, image.device, count=1)
         for start in range(0, b, self.chunk_rows):
@@ -114,9 +116,24 @@ class TwinOps:
             grad = self._signed_logits(logits[:n], img * s, txt, bias, offset + start).sigmoid_()
             self._negate_pairs(grad, offset + start).mul_(coef)
             d_bias += grad.sum()
-            torch.mm(grad, txt, out=d_image[start:start + n])
-            d_texts.addmm_(grad.T, img)
+            self._add_grads(grad, img, txt, start, d_image, d_texts)
         return d_image, d_texts, d_bias
+
+    @staticmethod
+    def _grad_buffers(b: int, txt: torch.Tensor, need_image: bool,
+                      need_texts: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        d_image = torch.empty(b, txt.shape[1], dtype=torch.float32, device=txt.device) if need_image else None
+        d_texts = torch.zeros_like(txt) if need_texts or not need_image else None
+        return d_image, d_texts
+
+    @staticmethod
+    def _add_grads(grad: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, start: int,
+                   d_image: Optional[torch.Tensor], d_texts: Optional[torch.Tensor]) -> None:
+        """One chunk's share: its rows of dS @ T, and dS.T @ I added to the texts' gradient."""
+        if d_image is not None:
+            torch.mm(grad, txt, out=d_image[start:start + grad.shape[0]])
+        if d_texts is not None:
+            d_texts.addmm_(grad.T, img)
 
     def _buffers(self, b: int, n_cols: int, device: torch.device,
                  count: int = 2) -> list[torch.Tensor]:

@@ -1,5 +1,6 @@
 """Runs the Triton kernels in the CPU interpreter unless CUDA is present (set before kernels import),
-and registers dsclip's architectures with open_clip for tests that call open_clip directly."""
+and registers dsclip's architectures with open_clip (where it is installed) for tests that call
+open_clip directly."""
 import os
 
 import torch
@@ -7,6 +8,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from dsclip.model.architectures import registered  # noqa: E402
+try:  # open_clip is absent on a bare GPU machine; the kernel tests (test_kernels.py) run without it
+    import open_clip  # noqa: F401
+except ImportError:
+    pass
+else:
+    from dsclip.model.architectures import registered
 
-registered()
+    registered()

@@ -38,6 +38,7 @@ def run(tmp_path, ds: dict | None = None, *overrides: str):
                              f"output_dir={tmp_path}", *overrides])
     trainer = make_trainer(cfg, ds if ds is not None else shipped_ds_config("zero3"))
     record_grad_norms(trainer)
+    record_feature_dtypes(trainer)
     trainer.train()
     losses = [r["train/loss"] for r in read_metrics(cfg.run_dir) if "train/loss" in r]
     assert len(losses) == cfg.train.max_steps and all(math.isfinite(loss) for loss in losses), losses
@@ -53,6 +54,17 @@ def record_grad_norms(trainer) -> None:
         return result
 
     trainer.optimizer_step = step_and_record
+
+
+def record_feature_dtypes(trainer) -> None:
+    """`trainer.feature_dtypes`: the dtype of the features each loss call received."""
+    loss_fn, trainer.feature_dtypes = trainer.parts.loss_fn, []
+
+    def recording_loss(image_features, text_features, *rest):
+        trainer.feature_dtypes.append((image_features.dtype, text_features.dtype))
+        return loss_fn(image_features, text_features, *rest)
+
+    trainer.parts.loss_fn = recording_loss
 
 
 def engine_params(trainer) -> dict[str, torch.Tensor]:
@@ -141,6 +153,8 @@ def test_bf16_run_on_cpu_is_close_to_fp32_saves_and_exports(tmp_path):
     trainer, bf16_losses, cfg = run(tmp_path / "bf16", bf16, "train.export=true")
     assert trainer.parts.input_dtype == torch.bfloat16
     assert next(trainer.engine.module.parameters()).dtype == torch.bfloat16
+    # the loss gets the training dtype (the Triton kernels use it; the twin upcasts itself)
+    assert set(trainer.feature_dtypes) == {(torch.bfloat16, torch.bfloat16)}
     assert bf16_losses == pytest.approx(fp32_losses, abs=0.03, rel=0) and bf16_losses != fp32_losses
     assert (cfg.checkpoints_dir / "step-6" / "COMPLETE").is_file()
     model = open_clip.create_model("local-dir:" + str(cfg.export_dir))

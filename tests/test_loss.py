@@ -18,6 +18,7 @@ from dsclip.loss.config import LossConfig
 from dsclip.loss.contrastive import TiledContrastiveLoss, build_loss
 from dsclip.training.bootstrap import free_port
 from kernels.contrastive import INTERPRET
+from test_kernels import _case, gpu
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # fp32 acceptance
 NAMES = ("loss", "d_image", "d_text", "d_scale", "d_bias")
@@ -182,3 +183,53 @@ def test_large_logit_scale_matches_open_clip(clustered):
     got = _loss_and_grads(loss_fn, (image, text, scale, bias), grad_output=0.9)
     want = _loss_and_grads(_open_clip_loss("clip"), (image, text, scale, bias), grad_output=0.9)
     _assert_parity(got, want, TOL)
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("b,d", [(1, 32), (777, 512), (2000, 1024)])
+def test_cuda_loss_matches_open_clip(kind, b, d):
+    from open_clip.loss import ClipLoss, SigLipLoss
+
+    image, texts, scale, bias, *_ = _case(b, b, d, torch.float32)
+    results = []
+    for loss_fn in (build_loss(LossConfig(kind=kind, impl="triton")),
+                    ClipLoss() if kind == "clip" else SigLipLoss()):
+        leaves = [x.clone().requires_grad_() for x in (image, texts, scale, bias)]
+        loss = loss_fn(*leaves)
+        (loss * 1.7).backward()
+        results.append([loss.detach()] + [x.grad for x in leaves[:3]] + ([leaves[3].grad] if kind == "siglip" else []))
+    for g, w in zip(*results):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+class _RecordingOps:
+    """Wraps a primitives object, recording the dtype of the features each call receives."""
+
+    def __init__(self, ops):
+        self.ops, self.dtypes = ops, []
+
+    def __getattr__(self, name):
+        def call(image, texts, *rest, **kwargs):
+            self.dtypes.append((name, image.dtype, texts.dtype))
+            return getattr(self.ops, name)(image, texts, *rest, **kwargs)
+        return call
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch_tiled"])
+def test_low_precision_features_reach_the_kernels_as_they_are_and_the_twin_in_fp32(impl, monkeypatch):
+    loss_fn = build_loss(LossConfig(impl=impl, chunk_rows=16))
+    recorder = _RecordingOps(loss_fn._ops(torch.zeros(1)))
+    monkeypatch.setattr(loss_fn, "_ops", lambda features: recorder)
+    image, text, scale, _ = _inputs(24, 32, seed=3)
+    low = [x.detach().to(torch.bfloat16).requires_grad_() for x in (image, text)]
+    loss = loss_fn(*low, scale)
+    loss.backward()
+    want = torch.bfloat16 if impl == "triton" else torch.float32
+    assert {(dtype, text_dtype) for _, dtype, text_dtype in recorder.dtypes} == {(want, want)}
+    assert [name for name, *_ in recorder.dtypes] == ["clip_stats", "clip_grads"]
+    assert low[0].grad.dtype == torch.bfloat16 and low[1].grad.dtype == torch.bfloat16
+    # the same features upcast by hand give the same loss through the twin (bf16 -> fp32 is exact)
+    reference = build_loss(LossConfig(impl="torch_tiled", chunk_rows=16))(*(x.detach().float() for x in low), scale)
+    torch.testing.assert_close(loss.detach(), reference.detach(), atol=2e-2 if impl == "triton" else 0, rtol=0)

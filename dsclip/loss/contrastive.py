@@ -26,6 +26,7 @@ from torch import nn
 
 from dsclip.loss import collectives
 from dsclip.loss.config import LossConfig
+from dsclip.loss.self_check import check_against_twin
 from kernels.contrastive_twin import TwinOps
 
 
@@ -68,6 +69,7 @@ class ReferenceClipLoss(nn.Module):
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor, logit_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        image_features, text_features = image_features.float(), text_features.float()
         all_images = gather_with_grad(image_features)
         all_texts = gather_with_grad(text_features)
         logits_per_image = logit_scale * image_features @ all_texts.T
@@ -83,7 +85,8 @@ class ReferenceSigLipLoss(nn.Module):
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor, logit_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         rank = dist.get_rank() if dist.is_initialized() else 0
-        return SigLipLoss(rank=rank, world_size=_world())(image_features, text_features, logit_scale, logit_bias)
+        loss = SigLipLoss(rank=rank, world_size=_world())
+        return loss(image_features.float(), text_features.float(), logit_scale, logit_bias)
 
 
 def _merge_column_lse(col_max: torch.Tensor, col_sum: torch.Tensor) -> torch.Tensor:
@@ -108,12 +111,16 @@ def _all_ranks(x: torch.Tensor) -> torch.Tensor:
     return every
 
 
-def _feature_grads(raw_image: torch.Tensor, raw_texts: torch.Tensor, image: torch.Tensor,
-                   texts: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scale the kernels' raw gradients; d loss / d scale = sum(raw_image * I) needs no logits."""
+def _feature_grads(raw_image: Optional[torch.Tensor], raw_texts: Optional[torch.Tensor], image: torch.Tensor,
+                   texts: torch.Tensor, scale: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    """Scale the kernels' raw gradients (None where a side was not needed); d loss / d scale =
+    sum(raw_image * I) = sum(raw_texts * T) needs no logits."""
     s = scale.float().reshape(())
-    d_scale = (raw_image * image.float()).sum().reshape(scale.shape).to(scale.dtype)
-    return (s * raw_image).to(image.dtype), (s * raw_texts).to(texts.dtype), d_scale
+    product = (raw_image * image.float()) if raw_image is not None else (raw_texts * texts.float())
+    d_scale = product.sum().reshape(scale.shape).to(scale.dtype)
+    d_image = None if raw_image is None else (s * raw_image).to(image.dtype)
+    d_texts = None if raw_texts is None else (s * raw_texts).to(texts.dtype)
+    return d_image, d_texts, d_scale
 
 
 class _TiledClipLoss(torch.autograd.Function):
@@ -138,8 +145,8 @@ class _TiledClipLoss(torch.autograd.Function):
         # loss of the rank owning text j, weighted by that rank's incoming gradient.
         col_coef = _all_ranks(grad).repeat_interleave(b) / (2 * b)
         row_coef = grad.float() / (2 * b)
-        raw_image, raw_texts = ctx.ops.clip_grads(image, texts, scale, row_lse, col_lse,
-                                                  row_coef, col_coef, ctx.offset)
+        raw_image, raw_texts = ctx.ops.clip_grads(image, texts, scale, row_lse, col_lse, row_coef, col_coef,
+                                                  ctx.offset, *ctx.needs_input_grad[:2])
         return *_feature_grads(raw_image, raw_texts, image, texts, scale), None, None
 
 
@@ -157,7 +164,8 @@ class _TiledSigLipLoss(torch.autograd.Function):
     def backward(ctx, grad):
         image, texts, scale, bias = ctx.saved_tensors
         coef = grad.float() / image.shape[0]
-        raw_image, raw_texts, raw_bias = ctx.ops.siglip_grads(image, texts, scale, bias, coef, ctx.offset)
+        raw_image, raw_texts, raw_bias = ctx.ops.siglip_grads(image, texts, scale, bias, coef, ctx.offset,
+                                                              *ctx.needs_input_grad[:2])
         d_bias = raw_bias.reshape(bias.shape).to(bias.dtype)
         return *_feature_grads(raw_image, raw_texts, image, texts, scale), d_bias, None, None
 
@@ -177,8 +185,13 @@ class TiledContrastiveLoss(nn.Module):
         b = image_features.shape[0]
         if text_features.shape[0] != b:
             raise ValueError(f"image and text features need the same batch; got {b} and {text_features.shape[0]}")
+        if b == 0:
+            raise ValueError("empty batch: the contrastive loss needs at least one image-text pair per rank")
         self._check_equal_batches(image_features)
         ops = self._ops(image_features)
+        if not self._uses_triton(image_features):  # the twin computes in fp32: gather fp32, as the reference does
+            image_features, text_features = image_features.float(), text_features.float()
+        # the Triton kernels take the training dtype (tensor cores under bf16 / fp16) and accumulate in fp32
         texts = gather_with_grad(text_features)
         offset = rank_offset(b)
         if self.kind == "clip":  # a logit bias shifts every logit alike: softmax ignores it
@@ -187,11 +200,16 @@ class TiledContrastiveLoss(nn.Module):
             logit_bias = torch.zeros((), device=image_features.device)
         return _TiledSigLipLoss.apply(image_features, texts, logit_scale, logit_bias, ops, offset)
 
+    def _uses_triton(self, features: torch.Tensor) -> bool:
+        return self.impl == "triton" or (self.impl == "auto" and features.is_cuda)
+
     def _ops(self, features: torch.Tensor):
-        if self.impl == "triton" or (self.impl == "auto" and features.is_cuda):
+        if self._uses_triton(features):
             if self.triton is None:
                 from kernels.contrastive import TritonOps  # imports triton only when it is used
                 self.triton = TritonOps()
+            if features.is_cuda:  # compiled for this GPU: check it once before trusting it
+                check_against_twin(self.triton, features.device, features.dtype)
             return self.triton
         return self.twin
 

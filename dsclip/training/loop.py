@@ -73,7 +73,7 @@ class Trainer:
         """One optimizer step over `grad_accum_steps` micro-batches: (this rank's mean loss, the
         logit scale, the lr the step used)."""
         accum = self.cfg.train.grad_accum_steps
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=self.engine.device)
         for _ in range(accum):
             loss, logit_scale = self.micro_step(*self.next_batch())
             loss_sum += loss
@@ -96,10 +96,12 @@ class Trainer:
         device = self.engine.device
         image_features, text_features, logit_scale, logit_bias = self.engine(
             images=images.to(device, self.parts.input_dtype), texts=texts.to(device))
-        loss = self.parts.loss_fn(image_features.float(), text_features.float(), logit_scale.float(),
+        # Features stay in the training dtype: each loss decides its own precision (the Triton
+        # kernels use bf16 / fp16 tensor cores, the twin and the reference compute in fp32).
+        loss = self.parts.loss_fn(image_features, text_features, logit_scale.float(),
                                   None if logit_bias is None else logit_bias.float())
         self.engine.backward(loss)
-        return loss.detach().cpu(), logit_scale.detach().cpu()
+        return loss.detach(), logit_scale.detach()  # on the device: read only when logged (no sync per step)
 
     def eval_due(self, step: int) -> bool:
         every = self.cfg.eval.every_steps
