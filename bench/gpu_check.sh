@@ -14,8 +14,9 @@
 #   roofline      bench/kernel_roofline.py: the kernels' TFLOP/s against torch.matmul's, bf16
 #   train         bench/train.py: ViT-B-32 bf16 on 1 GPU, dsclip's ZeRO-3 Trainer vs open_clip's model
 #                 in a plain loop
-# Output (8 files at most): $OUT/gpu_check.json, $OUT/gpu_check.log and each stage's JSON. The
-# exit status is non-zero if any stage failed.
+# The stage limits add up to 565 s, so with the install the whole check ends inside 10 minutes
+# even if every stage runs to its limit. Output (8 files at most): $OUT/gpu_check.json,
+# $OUT/gpu_check.log and each benchmark's JSON. The exit status is non-zero if any stage failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
@@ -54,7 +55,7 @@ stage() {
     shift 2
     echo "== $name (at most ${limit}s): $*" | tee -a "$LOG"
     local began=$SECONDS
-    timeout "$limit" "$@" 2>&1 | tee -a "$LOG" "$OUT/.stage_output"
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG" "$OUT/.stage_output"
     local rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || status=1
     python3 - "$RECORD" "$name" "$rc" "$((SECONDS - began))" "$*" "$OUT/.stage_output" <<'EOF'
@@ -72,18 +73,18 @@ EOF
 # Correctness first: the kernels compiled for real (every tile config, the tuner, determinism),
 # spread over processes for compile time (the tests' tuner timings need no quiet GPU).
 xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-stage kernel_tests 150 python3 -m pytest tests/test_kernels.py -m "not slow and not multiprocess" -q -p no:cacheprovider $xdist
-stage loss_tests 60 python3 -m pytest tests/test_loss.py -m gpu -q -p no:cacheprovider
+stage kernel_tests 170 python3 -m pytest tests/test_kernels.py -m "not slow and not multiprocess" -q -p no:cacheprovider $xdist
+stage loss_tests 50 python3 -m pytest tests/test_loss.py -m gpu -q -p no:cacheprovider
 
 # Benchmarks, one process at a time (each tunes the kernels for its shapes).
 for batch in 16384 65536 262144; do
-    limit=$(( batch > 65536 ? 110 : 60 ))
+    limit=$(( batch > 65536 ? 90 : batch > 16384 ? 55 : 40 ))
     stage "loss_B$batch" "$limit" python3 bench/loss.py --device cuda --dtype bf16 --impl triton --ranks 1 \
         --batches "$batch" --repeats 3 --json "$OUT/loss_cuda_bf16_B$batch.json"
 done
-stage roofline 80 python3 bench/kernel_roofline.py --dtype bf16 --batches 16384 65536 262144 --rows 8192 \
+stage roofline 60 python3 bench/kernel_roofline.py --dtype bf16 --batches 16384 65536 262144 --rows 8192 \
     --json "$OUT/kernel_roofline_cuda_bf16.json"
-stage train 120 python3 bench/train.py --device cuda --dtype bf16 --model ViT-B-32 --batch-size 128 --ranks 1 \
+stage train 100 python3 bench/train.py --device cuda --dtype bf16 --model ViT-B-32 --batch-size 128 --ranks 1 \
     --systems open_clip_loop zero3 --warmup 5 --windows 2 --window-steps 10 --pool-batches 2 \
     --json "$OUT/train_cuda_bf16.json"
 exit $status

@@ -37,6 +37,7 @@ from typing import Any, Callable, Optional
 import torch
 import triton
 import triton.language as tl
+import triton.runtime.errors
 import triton.testing
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -68,6 +69,11 @@ def tile_configs() -> list[Tiles]:
     return INTERPRETER_TILES if INTERPRET else GPU_TILES
 
 
+# what triton.autotune also treats as "this config cannot run here"
+_CONFIG_ERRORS = tuple(getattr(triton.runtime.errors, name) for name in ("OutOfResources", "PTXASError")
+                       if hasattr(triton.runtime.errors, name))
+
+
 def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
@@ -86,9 +92,20 @@ class _TileTuner:
     def run(self, key: tuple, launch: Callable[[Tiles], Any], cuda: bool) -> Any:
         tiles = self.best.get(key)
         if tiles is None:
-            tiles = self.configs[0] if len(self.configs) == 1 else min(self.configs, key=lambda t: _seconds(launch, t, cuda))
+            tiles = self.configs[0] if len(self.configs) == 1 else self._fastest(key, launch, cuda)
             self.best[key] = tiles
         return launch(tiles)
+
+    def _fastest(self, key: tuple, launch: Callable[[Tiles], Any], cuda: bool) -> Tiles:
+        times = {}
+        for tiles in self.configs:
+            try:
+                times[tiles] = _seconds(launch, tiles, cuda)
+            except _CONFIG_ERRORS:  # a config this GPU cannot run (e.g. shared memory): not a candidate
+                continue
+        if not times:
+            raise RuntimeError(f"no tile config compiles for {key} on this device; use loss.impl=torch_tiled")
+        return min(times, key=times.get)
 
 
 def _seconds(launch: Callable[[Tiles], Any], tiles: Tiles, cuda: bool) -> float:
@@ -260,7 +277,7 @@ def _siglip_loss_kernel(img_ptr, txt_ptr, scale_ptr, bias_ptr, row_loss_ptr,
 
 @triton.jit
 def _image_grads_kernel(img_ptr, txt_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, row_coef_ptr,
-                        col_coef_ptr, d_img_ptr, d_sum_ptr, n_rows, n_cols, dim, offset, stride_i, stride_t,
+                        col_coef_ptr, ds_scale_ptr, d_img_ptr, d_sum_ptr, n_rows, n_cols, dim, offset, stride_i, stride_t,
                         tiles_per_split, SIGLIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     # Program (row block m, column split c) owns rows m of slice c of the (splits x b x d) d_image
@@ -272,12 +289,15 @@ def _image_grads_kernel(img_ptr, txt_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
     row_coef = tl.load(row_coef_ptr).to(tl.float32)
+    ds_scale = tl.load(ds_scale_ptr)
     out = d_img_ptr + pid_c.to(tl.int64) * n_rows * dim
     offs_k = tl.arange(0, BLOCK_K)
     d_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     first = pid_c * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tl.cdiv(n_cols, BLOCK_N))
     for cb in range(first, last):
+        # the previous tile's stores of this slice are read back below, by other threads of the program
+        tl.debug_barrier()
         cols = _block(cb, BLOCK_N)
         col_ok = cols < n_cols
         s = scale * _dot_tile(img_ptr, txt_ptr, rows, cols, row_ok, col_ok, dim, stride_i, stride_t,
@@ -285,6 +305,7 @@ def _image_grads_kernel(img_ptr, txt_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_
         ds = _grad_tile(s, rows, cols, row_ok, col_ok, offset, bias, row_coef, row_lse_ptr, col_lse_ptr,
                         col_coef_ptr, SIGLIP)
         d_sum += tl.sum(ds, 1)
+        ds_low = (ds * ds_scale).to(txt_ptr.dtype.element_ty)
         for k in range(0, dim, BLOCK_K):
             ks = k + offs_k
             k_ok = ks < dim
@@ -292,14 +313,14 @@ def _image_grads_kernel(img_ptr, txt_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_
                           mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             where = out + rows[:, None] * dim + ks[None, :]
             mask = row_ok[:, None] & k_ok[None, :]
-            acc = _mma(ds.to(txt.dtype), txt, tl.load(where, mask=mask, other=0.0), UPCAST, IEEE)
+            acc = _mma(ds_low, txt, tl.load(where, mask=mask, other=0.0), UPCAST, IEEE)
             tl.store(where, acc, mask=mask)
     tl.store(d_sum_ptr + pid_c.to(tl.int64) * n_rows + rows, d_sum, mask=row_ok)
 
 
 @triton.jit
 def _text_grads_kernel(img_ptr, txt_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, row_coef_ptr,
-                       col_coef_ptr, d_txt_ptr, d_sum_ptr, n_rows, n_cols, dim, offset, stride_i, stride_t,
+                       col_coef_ptr, ds_scale_ptr, d_txt_ptr, d_sum_ptr, n_rows, n_cols, dim, offset, stride_i, stride_t,
                        tiles_per_split, SIGLIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     # Program (column block n, row split r) owns columns n of slice r of the (splits x B x d)
@@ -311,12 +332,14 @@ def _text_grads_kernel(img_ptr, txt_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_l
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
     row_coef = tl.load(row_coef_ptr).to(tl.float32)
+    ds_scale = tl.load(ds_scale_ptr)
     out = d_txt_ptr + pid_r.to(tl.int64) * n_cols * dim
     offs_k = tl.arange(0, BLOCK_K)
     d_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     first = pid_r * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tl.cdiv(n_rows, BLOCK_M))
     for rb in range(first, last):
+        tl.debug_barrier()  # as in _image_grads_kernel: stores of the previous tile are read back
         rows = _block(rb, BLOCK_M)
         row_ok = rows < n_rows
         s = scale * _dot_tile(img_ptr, txt_ptr, rows, cols, row_ok, col_ok, dim, stride_i, stride_t,
@@ -324,6 +347,7 @@ def _text_grads_kernel(img_ptr, txt_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_l
         ds = _grad_tile(s, rows, cols, row_ok, col_ok, offset, bias, row_coef, row_lse_ptr, col_lse_ptr,
                         col_coef_ptr, SIGLIP)
         d_sum += tl.sum(ds, 0)
+        ds_low = tl.trans(ds * ds_scale).to(img_ptr.dtype.element_ty)
         for k in range(0, dim, BLOCK_K):
             ks = k + offs_k
             k_ok = ks < dim
@@ -331,7 +355,7 @@ def _text_grads_kernel(img_ptr, txt_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_l
                           mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             where = out + cols[:, None] * dim + ks[None, :]
             mask = col_ok[:, None] & k_ok[None, :]
-            acc = _mma(tl.trans(ds).to(img.dtype), img, tl.load(where, mask=mask, other=0.0), UPCAST, IEEE)
+            acc = _mma(ds_low, img, tl.load(where, mask=mask, other=0.0), UPCAST, IEEE)
             tl.store(where, acc, mask=mask)
     tl.store(d_sum_ptr + pid_r.to(tl.int64) * n_cols + cols, d_sum, mask=col_ok)
 
@@ -362,6 +386,21 @@ def _flags(x: torch.Tensor) -> dict:
 def _scalar(x: torch.Tensor) -> torch.Tensor:
     """A 1-element fp32 device tensor the kernels read by pointer (no host sync)."""
     return x.detach().reshape(1).float().contiguous()
+
+
+def _fp16_gradient_scale(row_coef: torch.Tensor, col_coef: torch.Tensor) -> torch.Tensor:
+    """A power of two that lifts the gradient tile dS into fp16's range before the tensor-core
+    products: its entries are coefficient x probability, about 1 / (b x B) for the negatives,
+    which fp16 (smallest subnormal 6e-8) would flush to zero from B of a few thousand. The
+    largest |dS| is at most the largest coefficient, mapped to 2^13 (fp16 reaches 65504).
+    Computed on the device: no host sync."""
+    largest = torch.maximum(row_coef.detach().float().abs().reshape(()), col_coef.abs().max())
+    exponent = 13 - torch.ceil(torch.log2(largest.clamp_min(2.0 ** -100)))
+    return torch.exp2(exponent.clamp(-100, 100)).reshape(1)
+
+
+def _unscaled(grad: torch.Tensor, ds_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    return grad if ds_scale is None else grad / ds_scale
 
 
 def _merge_lse_parts(maxes: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,7 +475,9 @@ class TritonOps:
         pass still runs: sum(dS) and the scale's gradient come from it."""
         b, n_cols, dim = image.shape[0], texts.shape[0], image.shape[1]
         need_texts = need_texts or not need_image
-        inputs = (image, texts, _scalar(scale), _scalar(bias), row_lse, col_lse, _scalar(row_coef), col_coef)
+        ds_scale = _fp16_gradient_scale(row_coef, col_coef) if image.dtype == torch.float16 else None
+        inputs = (image, texts, _scalar(scale), _scalar(bias), row_lse, col_lse, _scalar(row_coef), col_coef,
+                  torch.ones(1, device=image.device) if ds_scale is None else ds_scale)
         sizes = (b, n_cols, dim, offset, image.stride(0), texts.stride(0))
         key = self._key(image, texts)
 
@@ -446,7 +487,7 @@ class TritonOps:
             d_sum = image.new_empty((split.splits, b), dtype=torch.float32)
             _image_grads_kernel[split.grid](*inputs, d_img, d_sum, *sizes, split.tiles_per_split,
                                             SIGLIP=siglip, **_flags(image), **t.launch_args())
-            return d_img.sum(0), d_sum.sum()
+            return _unscaled(d_img.sum(0), ds_scale), d_sum.sum()
 
         def text_pass(t: Tiles) -> tuple[torch.Tensor, torch.Tensor]:
             split = _Split.of(n_cols, t.block_n, b, t.block_m, self._programs(image))
@@ -454,7 +495,7 @@ class TritonOps:
             d_sum = image.new_empty((split.splits, n_cols), dtype=torch.float32)
             _text_grads_kernel[split.grid](*inputs, d_txt, d_sum, *sizes, split.tiles_per_split,
                                            SIGLIP=siglip, **_flags(image), **t.launch_args())
-            return d_txt.sum(0), d_sum.sum()
+            return _unscaled(d_txt.sum(0), ds_scale), d_sum.sum()
 
         kind = "siglip" if siglip else "clip"
         d_image = d_texts = d_sum = None

@@ -18,7 +18,7 @@ from dsclip.loss.config import LossConfig
 from dsclip.loss.contrastive import TiledContrastiveLoss, build_loss
 from dsclip.training.bootstrap import free_port
 from kernels.contrastive import INTERPRET
-from test_kernels import _case, gpu
+from test_kernels import _case, gpu, needs_cuda
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # fp32 acceptance
 NAMES = ("loss", "d_image", "d_text", "d_scale", "d_bias")
@@ -186,7 +186,7 @@ def test_large_logit_scale_matches_open_clip(clustered):
 
 
 @gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 @pytest.mark.parametrize("b,d", [(1, 32), (777, 512), (2000, 1024)])
 def test_cuda_loss_matches_open_clip(kind, b, d):

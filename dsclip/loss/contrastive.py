@@ -209,7 +209,7 @@ class TiledContrastiveLoss(nn.Module):
                 from kernels.contrastive import TritonOps  # imports triton only when it is used
                 self.triton = TritonOps()
             if features.is_cuda:  # compiled for this GPU: check it once before trusting it
-                check_against_twin(self.triton, features.device, features.dtype)
+                check_against_twin(self.triton, features.device, features.dtype, features.shape[1])
             return self.triton
         return self.twin
 
