@@ -43,7 +43,8 @@ def main() -> int:
     parser.add_argument("--tiers", nargs="+", choices=list(TIERS), default=list(TIERS))
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "test_tiers.json"))
     args = parser.parse_args()
-    report = {"date": datetime.date.today().isoformat(), "cpus": os.cpu_count(),
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    report = {"date": datetime.date.today().isoformat(), "commit": commit, "cpus": os.cpu_count(),
               "load_before": os.getloadavg()[0], "ci": bool(os.environ.get("CI")), "tiers": {}}
     for tier in args.tiers:
         report["tiers"][tier] = row = run_tier(TIERS[tier])

@@ -58,6 +58,7 @@ FIT_TO_TINY: dict[str, list[str]] = {
     "frozen_image.yaml": [],
     "frozen_text.yaml": [],
     "high_res.yaml": ["model.image_size=64"],  # still a resize of tiny's 32 px grid (4x4 -> 8x8 patches)
+    "large_batch.yaml": ["train.grad_accum_steps=2"],  # still gradient caching, over 2 micro-batches
     "lit.yaml": [],
     "medical.yaml": [],
     "multilingual.yaml": [],  # tiny's built-in text tower replaces XLM-RoBERTa (needs the HF hub)

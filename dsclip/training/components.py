@@ -20,6 +20,7 @@ from dsclip.report.tracking import Tracker
 from dsclip.training.checkpoint import CheckpointManager
 from dsclip.training.ds_config import for_run, precision
 from dsclip.training.engine import build_engine
+from dsclip.training.grad_cache import describe_contrastive_batch
 from dsclip.training.resume import find_resume_point, restore
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ def build_run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] =
     total_steps = cfg.train.max_steps or cfg.train.epochs * data.steps_per_epoch // cfg.train.grad_accum_steps
     ds = for_run(ds_config, cfg, world)
     engine = build_engine(bundle.module, ds, cfg.optim, total_steps)
+    log.info("%s", describe_contrastive_batch(cfg.data.batch_size, cfg.train.grad_accum_steps, world,
+                                              cfg.train.grad_cache))
     loss_fn = build_loss(cfg.loss)
     evals = build_evals(cfg.eval, bundle, cfg.data.synthetic, cfg.seed, loss_fn)
     epoch = 0

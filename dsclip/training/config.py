@@ -64,6 +64,7 @@ class TrainConfig:
     epochs: int = 1  # passes over the training data (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer steps to run; 0 = derived from epochs
     grad_accum_steps: int = 1  # micro-batches per optimizer step
+    grad_cache: bool = False  # true: a step's micro-batches form one contrastive batch (gradient caching: one extra forward); false: each micro-batch contrasts only within itself
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
     save_every: int = 0  # optimizer steps between checkpoints (also saved at each epoch end and at the end); 0 = epoch ends and end only
     keep_last: int = 2  # complete checkpoints kept (older ones pruned; the best is always kept)

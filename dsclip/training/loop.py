@@ -15,6 +15,7 @@ from dsclip.eval.tasks import run_evals
 from dsclip.training import memory
 from dsclip.training.components import RunParts
 from dsclip.training.export import export_checkpoint
+from dsclip.training.grad_cache import TrainableTowers, cached_step
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption, SLURM's warning before the time limit
@@ -45,6 +46,7 @@ class Trainer:
         self.is_main = dist.get_rank() == 0
         self.stop = stop or StopSignals().install()
         self.model_state_logged = False
+        self.towers: TrainableTowers | None = None  # grad_cache: which towers run a second forward
 
     @property
     def total_steps(self) -> int:
@@ -72,6 +74,8 @@ class Trainer:
     def optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step over `grad_accum_steps` micro-batches: (this rank's mean loss, the
         logit scale, the lr the step used)."""
+        if self.cfg.train.grad_cache:
+            return self.cached_step()
         accum = self.cfg.train.grad_accum_steps
         loss_sum = torch.zeros((), device=self.engine.device)
         for _ in range(accum):
@@ -80,6 +84,22 @@ class Trainer:
             lr = max(self.engine.get_lr())  # step() moves the schedule on at the accumulation boundary
             self.engine.step()  # DeepSpeed counts micro-batches here; the optimizer steps on the last
         return loss_sum / accum, logit_scale, lr
+
+    def cached_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step whose `grad_accum_steps` micro-batches form one contrastive batch
+        (training/grad_cache.py): (this rank's loss over all of them, the logit scale, the lr)."""
+        device, lrs = self.engine.device, []
+        batches = [(images.to(device, self.parts.input_dtype), texts.to(device))
+                   for images, texts in (self.next_batch() for _ in range(self.cfg.train.grad_accum_steps))]
+
+        def micro_step_done() -> None:
+            lrs.append(max(self.engine.get_lr()))  # step() moves the schedule on at the accumulation boundary
+            self.engine.step()
+
+        if self.towers is None:
+            self.towers = TrainableTowers.of(self.engine.module.clip)
+        loss, logit_scale = cached_step(self.engine, self.parts.loss_fn, batches, self.towers, micro_step_done)
+        return loss, logit_scale, lrs[-1]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next micro-batch; the data position advances with it, across epochs."""
