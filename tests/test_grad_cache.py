@@ -3,7 +3,6 @@ step over one batch of k x b, exactly, on 2 ZeRO-3 ranks, for both losses and ev
 patch dropout the second forward replays the first one's randomness; plain accumulation is
 another thing. Trainer runs on 1 and 2 CPU ranks (tens of seconds): not the quick tier."""
 import functools
-import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,8 @@ from dsclip.model.build import build_model
 from dsclip.training import grad_cache
 from dsclip.training.grad_cache import describe_contrastive_batch
 from dsclip_testutils import init_single_rank, make_trainer, run_on_ranks
+from test_checkpoint import SHORT_RUN, assert_resume_matches, losses_by_step, register_patch_dropout_model, \
+    stop_after, tiny_trainer
 from test_e2e_losses import SIGLIP, run, shipped_ds_config
 
 BASE = ["optim.warmup_steps=2", "data.synthetic.train_samples=64", "eval.at_start=false", "eval.at_end=false",
@@ -90,24 +91,13 @@ def test_twenty_cached_steps_follow_the_big_batch_run_and_not_plain_accumulation
     assert max(abs(p - b) for p, b in zip(plain, big)) > 1e-2
 
 
-def register_patch_dropout_model(folder: Path) -> str:
-    """dsclip-tiny with half the image patches dropped at random in training (open_clip's PatchDropout)."""
-    import open_clip
-    config = json.loads((Path(__file__).parents[1] / "dsclip" / "model" / "configs" / "dsclip-tiny.json").read_text())
-    config["vision_cfg"]["patch_dropout"] = 0.5
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "dsclip-tiny-patchdrop.json").write_text(json.dumps(config))
-    open_clip.add_model_config(folder / "dsclip-tiny-patchdrop.json")
-    return "dsclip-tiny-patchdrop"
-
-
 @pytest.mark.multiprocess
 def test_the_second_forward_replays_the_first_ones_randomness(tmp_path, monkeypatch):
     """With patch dropout a cached step's gradient equals the gradient of one autograd graph over the
     step's k forwards run in sequence from the same RNG state (a plain copy of the model, no
     DeepSpeed); without the replay the second forward would drop other patches."""
     init_single_rank()
-    name = register_patch_dropout_model(tmp_path / "configs")
+    name = register_patch_dropout_model(tmp_path)
     seen = {}
 
     def recording_step(engine, loss_fn, batches, towers, on_micro_step):
@@ -142,3 +132,33 @@ def test_the_start_up_line_names_the_contrastive_batch():
         "contrastive batch 32768 per step (gradient caching: 16 micro-batches of 256 on each of 8 ranks)")
     assert describe_contrastive_batch(256, 1, 8, grad_cache=False) == "contrastive batch 2048 (256 per rank x 8 ranks)"
     assert "train.grad_cache=true contrasts all 32768" in describe_contrastive_batch(256, 16, 8, grad_cache=False)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("setting", [["freeze.strategy=lit"], ["freeze.strategy=frozen_text"],
+                                     ["model.grad_checkpointing=true", "model.image_size=48"]],
+                         ids=["lit", "frozen_text", "checkpointing_high_res"])
+def test_a_cached_step_is_exact_with_frozen_towers_and_activation_checkpointing(setting, tmp_path):
+    init_single_rank()
+    big_loss, big = first_step(trainer_for(tmp_path / "big", *setting, *BIG))
+    cached_trainer = trainer_for(tmp_path / "cached", *setting, *CACHED)
+    cached_loss, cached = first_step(cached_trainer)
+    assert cached_loss == pytest.approx(big_loss, rel=1e-5)
+    assert largest_relative_difference(cached, big) < 1e-5
+    frozen = setting[0].removeprefix("freeze.strategy=")
+    assert (cached_trainer.towers.image, cached_trainer.towers.text) == {
+        "lit": (False, True), "frozen_text": (True, False)}.get(frozen, (True, True))
+
+
+@pytest.mark.multiprocess
+def test_a_cached_run_resumed_mid_epoch_reproduces_the_uninterrupted_losses(tmp_path):
+    # patch dropout: the resumed run must also restore the RNG the replayed forwards draw from
+    run = (*SHORT_RUN, f"model.name={register_patch_dropout_model(tmp_path)}", "data.batch_size=4",
+           "train.grad_accum_steps=2", "train.grad_cache=true")
+    tiny_trainer(tmp_path / "straight", *run).train()
+    interrupted = tiny_trainer(tmp_path / "resumed", *run)
+    stop_after(interrupted, 7)
+    interrupted.train()
+    tiny_trainer(tmp_path / "resumed", *run, resume="latest").train()
+    straight = losses_by_step(tmp_path / "straight" / "default")
+    assert_resume_matches(straight, tmp_path / "resumed" / "default", resumed_from=7, last=12)
