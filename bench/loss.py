@@ -34,18 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsclip.loss.config import LossConfig  # noqa: E402
 from dsclip.loss.contrastive import build_loss  # noqa: E402
+from dsclip.training import memory  # noqa: E402
 from dsclip.training.bootstrap import free_port  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GB = 1024 ** 3
-
-
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
 def _reset_peak(device: str) -> int:
@@ -54,17 +47,14 @@ def _reset_peak(device: str) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so reuse of it is not invisible
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM (peak RSS) to the current RSS
-    return _rss_bytes("VmRSS")
+    return memory.reset_peak_rss()
 
 
 def _peak(device: str) -> int:
     if device == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    return _rss_bytes("VmHWM")
+    return memory.peak_rss_bytes()
 
 
 def make_loss(name: str, args: argparse.Namespace):

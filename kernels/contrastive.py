@@ -208,6 +208,22 @@ def _grad_tile(s, rows, cols, row_ok, col_ok, offset, bias, row_coef, row_lse_pt
     return tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
 
 
+@triton.jit
+def _add_product(out_ptr, own, own_ok, ds_low, src_ptr, src_rows, src_ok, dim, stride,
+                 BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """out[own, :] += ds_low @ src[src_rows, :] in fp32, one BLOCK_K-wide slab of d at a time; `out`
+    (d wide, contiguous) is the calling program's own slice, so no other program touches it."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k in range(0, dim, BLOCK_K):
+        ks = k + offs_k
+        k_ok = ks < dim
+        src = tl.load(src_ptr + src_rows[:, None] * stride + ks[None, :], mask=src_ok[:, None] & k_ok[None, :],
+                      other=0.0)
+        where = out_ptr + own[:, None] * dim + ks[None, :]
+        mask = own_ok[:, None] & k_ok[None, :]
+        tl.store(where, _mma(ds_low, src, tl.load(where, mask=mask, other=0.0), UPCAST, IEEE), mask=mask)
+
+
 # ---- forward kernels ------------------------------------------------------------------------
 
 @triton.jit
@@ -291,7 +307,6 @@ def _image_grads_kernel(img_ptr, txt_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_
     row_coef = tl.load(row_coef_ptr).to(tl.float32)
     ds_scale = tl.load(ds_scale_ptr)
     out = d_img_ptr + pid_c.to(tl.int64) * n_rows * dim
-    offs_k = tl.arange(0, BLOCK_K)
     d_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     first = pid_c * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tl.cdiv(n_cols, BLOCK_N))
@@ -306,15 +321,7 @@ def _image_grads_kernel(img_ptr, txt_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_
                         col_coef_ptr, SIGLIP)
         d_sum += tl.sum(ds, 1)
         ds_low = (ds * ds_scale).to(txt_ptr.dtype.element_ty)
-        for k in range(0, dim, BLOCK_K):
-            ks = k + offs_k
-            k_ok = ks < dim
-            txt = tl.load(txt_ptr + cols[:, None] * stride_t + ks[None, :],
-                          mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            where = out + rows[:, None] * dim + ks[None, :]
-            mask = row_ok[:, None] & k_ok[None, :]
-            acc = _mma(ds_low, txt, tl.load(where, mask=mask, other=0.0), UPCAST, IEEE)
-            tl.store(where, acc, mask=mask)
+        _add_product(out, rows, row_ok, ds_low, txt_ptr, cols, col_ok, dim, stride_t, BLOCK_K, UPCAST, IEEE)
     tl.store(d_sum_ptr + pid_c.to(tl.int64) * n_rows + rows, d_sum, mask=row_ok)
 
 
@@ -334,7 +341,6 @@ def _text_grads_kernel(img_ptr, txt_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_l
     row_coef = tl.load(row_coef_ptr).to(tl.float32)
     ds_scale = tl.load(ds_scale_ptr)
     out = d_txt_ptr + pid_r.to(tl.int64) * n_cols * dim
-    offs_k = tl.arange(0, BLOCK_K)
     d_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     first = pid_r * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tl.cdiv(n_rows, BLOCK_M))
@@ -348,15 +354,7 @@ def _text_grads_kernel(img_ptr, txt_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_l
                         col_coef_ptr, SIGLIP)
         d_sum += tl.sum(ds, 0)
         ds_low = tl.trans(ds * ds_scale).to(img_ptr.dtype.element_ty)
-        for k in range(0, dim, BLOCK_K):
-            ks = k + offs_k
-            k_ok = ks < dim
-            img = tl.load(img_ptr + rows[:, None] * stride_i + ks[None, :],
-                          mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            where = out + cols[:, None] * dim + ks[None, :]
-            mask = col_ok[:, None] & k_ok[None, :]
-            acc = _mma(ds_low, img, tl.load(where, mask=mask, other=0.0), UPCAST, IEEE)
-            tl.store(where, acc, mask=mask)
+        _add_product(out, cols, col_ok, ds_low, img_ptr, rows, row_ok, dim, stride_i, BLOCK_K, UPCAST, IEEE)
     tl.store(d_sum_ptr + pid_r.to(tl.int64) * n_cols + cols, d_sum, mask=col_ok)
 
 

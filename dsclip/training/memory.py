@@ -11,6 +11,8 @@ Model states are counted from the tensors the engine keeps between steps:
              where it keeps one in separate memory (ZeRO-1/2 always; ZeRO-3 only when the model
              dtype differs from the master dtype: fp32 ZeRO-3 steps the partition in place)
 """
+import ctypes
+
 import torch
 from torch import nn
 
@@ -87,3 +89,12 @@ def peak_rss_bytes() -> int:
 def rss_bytes() -> int:
     """Resident set size of this process now (VmRSS)."""
     return _status_kib("VmRSS") * 1024
+
+
+def reset_peak_rss() -> int:
+    """Start a new peak (VmHWM := VmRSS, Linux) after handing freed heap back to the system, so
+    that memory reused from the heap is not invisible to the next peak; returns the RSS now."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_bytes()
