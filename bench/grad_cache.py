@@ -144,8 +144,11 @@ def run_point(system: str, micro: int, batch: int, world: int) -> dict:
 
 
 def predicted_gb(system: str, last: dict, batch: int) -> float:
+    """Peak RSS at `batch` from the last measured point: what the step added grows (B^2 for
+    open_clip's logits, B otherwise); what the process held before the step stays."""
     growth = (batch / last["batch"]) ** (2 if system == "open_clip_accum" else 1)
-    return last["peak_rss_gb"] * growth
+    held = last["peak_rss_gb"] - last["peak_extra_gb"]
+    return held + last["peak_extra_gb"] * growth
 
 
 def bytes_per_sample(rows: list[dict]) -> float:
@@ -179,11 +182,20 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--budget-gb", type=float, default=16.0, help="skip points predicted above this per rank")
     parser.add_argument("--json", default="bench/results/grad_cache.json")
+    parser.add_argument("--continue", dest="resume", action="store_true",
+                        help="keep the points already measured in --json (same micro-batch and ranks) and run the rest")
     args = parser.parse_args()
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"args": vars(args), "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
               "load_before": os.getloadavg()[0], "rows": []}
+    earlier = {}
+    if args.resume and path.exists():
+        old = json.loads(path.read_text())
+        if (old["args"]["micro"], old["args"]["ranks"]) != (args.micro, args.ranks):
+            raise SystemExit(f"grad_cache: error: {path} was measured with another --micro / --ranks; drop --continue")
+        earlier = {(r["system"], r["batch"]): r for r in old["rows"] if r["measured"]}
+        record["load_before"] = old["load_before"]
     print(f"{'system':>16} {'B':>7} {'peak RSS GB':>12} {'extra GB':>9} {'step s':>8} {'samples/s':>10}", flush=True)
     for system in args.systems:
         last = None
@@ -193,7 +205,7 @@ def main() -> None:
                                        "predicted_peak_rss_gb": predicted_gb(system, last, batch)})
                 print(f"{system:>16} {batch:>7}   skipped: {predicted_gb(system, last, batch):.1f} GB predicted", flush=True)
                 continue
-            row = last = run_point(system, args.micro, batch, args.ranks)
+            row = last = earlier.get((system, batch)) or run_point(system, args.micro, batch, args.ranks)
             record["rows"].append(row)
             print(f"{system:>16} {batch:>7} {row['peak_rss_gb']:>12.3f} {row['peak_extra_gb']:>9.3f} "
                   f"{row['step_seconds']:>8.2f} {row['samples_per_s']:>10.0f}", flush=True)

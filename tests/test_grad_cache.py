@@ -100,9 +100,9 @@ def test_the_second_forward_replays_the_first_ones_randomness(tmp_path, monkeypa
     name = register_patch_dropout_model(tmp_path)
     seen = {}
 
-    def recording_step(engine, loss_fn, batches, towers, on_micro_step):
+    def recording_step(engine, loss_fn, batches, towers, to_device, on_micro_step):
         seen.update(rng=torch.get_rng_state(), batches=batches, loss_fn=loss_fn)
-        return cached_step(engine, loss_fn, batches, towers, on_micro_step)
+        return cached_step(engine, loss_fn, batches, towers, to_device, on_micro_step)
 
     cached_step = grad_cache.cached_step
     monkeypatch.setattr("dsclip.training.loop.cached_step", recording_step)

@@ -72,8 +72,9 @@ def _leaf(x: Optional[torch.Tensor], grad: bool) -> Optional[torch.Tensor]:
 
 
 def cached_step(engine: Any, loss_fn: Callable, batches: list[Batch], towers: TrainableTowers,
-                on_micro_step: Callable[[], None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, loss and backward of one optimizer step over `batches` (already on the device);
+                to_device: Callable[[Batch], Batch], on_micro_step: Callable[[], None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, loss and backward of one optimizer step over `batches`. They stay where they are
+    (host memory: a step's inputs can outgrow a GPU's) and go through `to_device` for each forward;
     `on_micro_step` is called after each micro-batch's backward (the engine's step). Returns
     (this rank's loss over the whole step, the logit scale)."""
     device = engine.device
@@ -81,7 +82,7 @@ def cached_step(engine: Any, loss_fn: Callable, batches: list[Batch], towers: Tr
     with torch.no_grad():
         for images, texts in batches:
             rng = _rng_state(device)
-            image_features, text_features, logit_scale, logit_bias = engine(images=images, texts=texts)
+            image_features, text_features, logit_scale, logit_bias = engine(*to_device((images, texts)))
             cached.append(_Cached(images, texts, rng, image_features, text_features))
 
     images_all = _leaf(torch.cat([c.image_features for c in cached]), towers.image)
@@ -95,8 +96,9 @@ def cached_step(engine: Any, loss_fn: Callable, batches: list[Batch], towers: Tr
     end_rng = _rng_state(device)
     for i, c in enumerate(cached):
         _set_rng_state(c.rng, device)
+        images, texts = to_device((c.images, c.texts))
         image_features, text_features, logit_scale, logit_bias = engine(
-            images=c.images if towers.image else None, texts=c.texts if towers.text else None)
+            images=images if towers.image else None, texts=texts if towers.text else None)
         surrogate = logit_scale.new_zeros(())
         if towers.image:
             surrogate = surrogate + (image_features.float() * image_grads[i]).sum()

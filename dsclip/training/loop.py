@@ -89,8 +89,10 @@ class Trainer:
         """One optimizer step whose `grad_accum_steps` micro-batches form one contrastive batch
         (training/grad_cache.py): (this rank's loss over all of them, the logit scale, the lr)."""
         device, lrs = self.engine.device, []
-        batches = [(images.to(device, self.parts.input_dtype), texts.to(device))
-                   for images, texts in (self.next_batch() for _ in range(self.cfg.train.grad_accum_steps))]
+        batches = [self.next_batch() for _ in range(self.cfg.train.grad_accum_steps)]
+
+        def to_device(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            return batch[0].to(device, self.parts.input_dtype), batch[1].to(device)
 
         def micro_step_done() -> None:
             lrs.append(max(self.engine.get_lr()))  # step() moves the schedule on at the accumulation boundary
@@ -98,7 +100,8 @@ class Trainer:
 
         if self.towers is None:
             self.towers = TrainableTowers.of(self.engine.module.clip)
-        loss, logit_scale = cached_step(self.engine, self.parts.loss_fn, batches, self.towers, micro_step_done)
+        loss, logit_scale = cached_step(self.engine, self.parts.loss_fn, batches, self.towers, to_device,
+                                        micro_step_done)
         return loss, logit_scale, lrs[-1]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
