@@ -410,13 +410,48 @@ def test_tiers() -> str:
             "tests in all (`bench/results/test_tiers.json`).")
 
 
+# -- bench/grad_cache.py: bench/results/grad_cache.json -------------------------------------------------
+def _gc_cell(row: Optional[dict], key: str, fmt: Callable[[float], str]) -> str:
+    if row is None:
+        return "not run"
+    if not row["measured"]:
+        return f"({sig(row['predicted_peak_rss_gb'], 2)} GB predicted: skipped)" if key == "peak_rss_gb" else "-"
+    return fmt(row[key])
+
+
+def grad_cache_table() -> str:
+    d = load("grad_cache.json")
+    by = {(r["system"], r["batch"]): r for r in d["rows"]}
+    rows = []
+    for batch in d["args"]["batches"]:
+        cached, plain, theirs = (by.get((s, batch)) for s in ("dsclip_cached", "dsclip_plain", "open_clip_accum"))
+        speed = d["speed_ratio_vs_open_clip_accum"].get(str(batch))
+        rows.append([f"{batch:,}", _gc_cell(cached, "peak_rss_gb", sig), _gc_cell(plain, "peak_rss_gb", sig),
+                     _gc_cell(theirs, "peak_rss_gb", sig), _gc_cell(cached, "samples_per_s", lambda v: f"{v:.0f}"),
+                     _gc_cell(theirs, "samples_per_s", lambda v: f"{v:.0f}"), ratio(speed) if speed else "-"])
+    return table(["contrastive B", "dsclip cached GB / rank", "plain accumulation GB / rank",
+                  "open_clip --accum-freq GB / rank", "dsclip cached samples/s", "open_clip samples/s",
+                  "speed ratio"], "rrrrrrr", rows)
+
+
+def grad_cache_summary() -> str:
+    d = load("grad_cache.json")
+    batches = " ".join(map(str, d["args"]["batches"]))
+    per_sample = d.get("dsclip_cached_bytes_per_sample")
+    slope = f"; dsclip's cached step adds about {per_sample / 1024:.0f} KiB of peak RSS per sample of B" if per_sample else ""
+    parts = ", the points run in more than one go with `--continue`" if d["args"].get("resume") else ""
+    return (f"Measured {d['date']} with `python bench/grad_cache.py --batches {batches}`{parts} ({d['args']['ranks']} CPU ranks, "
+            f"dsclip-tiny, micro-batch {d['args']['micro']} per rank, 1-minute load {d['load_before']:.1f} before and "
+            f"{d['load_after']:.1f} after){slope} (`bench/results/grad_cache.json`, plot `bench/results/grad_cache.png`).")
+
+
 BLOCKS: dict[str, Callable[[], str]] = {f.__name__: f for f in [
     default_run_table, default_run_median, default_run_slow_windows, default_run_summary,
     train_table, zero3_repeats_summary, train_ckpt_table, scaling_table,
     loss_conditions, loss_table, loss_largest_batch, loss_speed,
     data_table, data_ratio,
     wiseft_table, wiseft_summary, wiseft_stage_times,
-    test_tiers,
+    test_tiers, grad_cache_table, grad_cache_summary,
 ]}
 
 
