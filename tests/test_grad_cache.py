@@ -30,9 +30,9 @@ KIND = {"clip": [], "siglip": list(SIGLIP)}
 IMPLS = ("reference", "torch_tiled", "triton")  # triton: the interpreter on CPU (tests/conftest.py)
 
 
-def trainer_for(out: Path, *overrides: str):
+def trainer_for(out: Path, *overrides: str, ds: str = "zero3"):
     cfg = load_config(None, [*BASE, f"output_dir={out}", *overrides])
-    return make_trainer(cfg, shipped_ds_config("zero3"))
+    return make_trainer(cfg, shipped_ds_config(ds))
 
 
 def first_step(trainer) -> tuple[float, dict[str, torch.Tensor]]:
@@ -169,13 +169,14 @@ def test_the_start_up_line_names_the_contrastive_batch():
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("setting", [["freeze.strategy=lit"], ["freeze.strategy=frozen_text"],
-                                     ["model.grad_checkpointing=true", "model.image_size=48"]],
-                         ids=["lit", "frozen_text", "checkpointing_high_res"])
-def test_a_cached_step_is_exact_with_frozen_towers_and_activation_checkpointing(setting, tmp_path):
+@pytest.mark.parametrize("setting,ds", [(["freeze.strategy=lit"], "zero3"), (["freeze.strategy=frozen_text"], "zero3"),
+                                        (["model.grad_checkpointing=true", "model.image_size=48"], "zero3"),
+                                        (["optim.image.layer_decay=0.8", "optim.text.layer_decay=0.8"], "zero2")],
+                         ids=["lit", "frozen_text", "checkpointing_high_res", "zero2_layer_decay"])
+def test_a_cached_step_is_exact_with_frozen_towers_and_activation_checkpointing(setting, ds, tmp_path):
     init_single_rank()
-    big_loss, big = first_step(trainer_for(tmp_path / "big", *setting, *BIG))
-    cached_trainer = trainer_for(tmp_path / "cached", *setting, *CACHED)
+    big_loss, big = first_step(trainer_for(tmp_path / "big", *setting, *BIG, ds=ds))
+    cached_trainer = trainer_for(tmp_path / "cached", *setting, *CACHED, ds=ds)
     cached_loss, cached = first_step(cached_trainer)
     assert cached_loss == pytest.approx(big_loss, rel=1e-5)
     assert largest_relative_difference(cached, big) < 1e-5
