@@ -92,11 +92,8 @@ class Trainer:
     def cached_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step whose `grad_accum_steps` micro-batches form one contrastive batch
         (training/grad_cache.py): (this rank's loss over all of them, the logit scale, the lr)."""
-        device, lrs = self.engine.device, []
+        lrs = []
         batches = [self.next_batch() for _ in range(self.cfg.train.grad_accum_steps)]
-
-        def to_device(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            return batch[0].to(device, self.parts.input_dtype), batch[1].to(device)
 
         def micro_step_done() -> None:
             lrs.append(max(self.engine.get_lr()))  # step() moves the schedule on at the accumulation boundary
@@ -104,7 +101,7 @@ class Trainer:
 
         if self.towers is None:
             self.towers = TrainableTowers.of(self.engine.module.clip)
-        loss, logit_scale = cached_step(self.engine, self.parts.loss_fn, batches, self.towers, to_device,
+        loss, logit_scale = cached_step(self.engine, self.parts.loss_fn, batches, self.towers, self.to_device,
                                         micro_step_done)
         return loss, logit_scale, lrs[-1]
 
@@ -119,10 +116,14 @@ class Trainer:
             batch = next(self._batches)
         return batch
 
+    def to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A micro-batch on the engine's device, images in the training dtype."""
+        images, texts = batch
+        return images.to(self.engine.device, self.parts.input_dtype), texts.to(self.engine.device)
+
     def micro_step(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.engine.device
-        image_features, text_features, logit_scale, logit_bias = self.engine(
-            images=images.to(device, self.parts.input_dtype), texts=texts.to(device))
+        images, texts = self.to_device((images, texts))
+        image_features, text_features, logit_scale, logit_bias = self.engine(images=images, texts=texts)
         # Features stay in the training dtype: each loss decides its own precision (the Triton
         # kernels use bf16 / fp16 tensor cores, the twin and the reference compute in fp32).
         loss = self.parts.loss_fn(image_features, text_features, logit_scale.float(),
