@@ -1,4 +1,5 @@
 """Checkpoints: exact resume after SIGKILL / SIGTERM, interrupted saves, refusals."""
+import errno
 import json
 import os
 import random
@@ -14,7 +15,7 @@ import torch
 
 from dsclip.commands.export import main as export_main
 from dsclip.config import load_config, to_dict
-from dsclip.errors import CheckpointError
+from dsclip.errors import CheckpointError, ConfigError
 from dsclip.model.run_folder import is_complete, read_pointer
 from dsclip.training.ds_config import load_ds_config
 from dsclip.training.loop import Trainer
@@ -192,10 +193,12 @@ def test_a_checkpoint_in_the_previous_layout_resumes_exactly_and_exports(tmp_pat
     stop_after(old, 7)
     old.train()
     step_7 = tmp_path / "old" / "default" / "checkpoints" / "step-7"
-    assert export_main([str(step_7), "--out", str(tmp_path / "export")]) == 0
+    assert export_main([str(step_7), "--out", str(tmp_path / "export")]) == 2  # numpy's pickled RNG state
+    assert "--trust-checkpoint" in capsys.readouterr().err
+    assert export_main([str(step_7), "--out", str(tmp_path / "export"), "--trust-checkpoint"]) == 0
     model = open_clip.create_model("local-dir:" + str(tmp_path / "export"))
     assert model.logit_scale.shape == ()
-    tiny_trainer(tmp_path / "old", *SHORT_RUN, resume="latest").train()
+    tiny_trainer(tmp_path / "old", *SHORT_RUN, "model.trust_checkpoint=true", resume="latest").train()
     assert_resume_matches(losses_by_step(tmp_path / "straight" / "default"), tmp_path / "old" / "default",
                           resumed_from=7, last=12)
 
@@ -208,11 +211,12 @@ def test_a_save_that_fails_half_way_leaves_latest_on_the_previous_checkpoint(tmp
         if tag == "step-4":
             (tmp_path / "default" / "checkpoints" / tag).mkdir(parents=True)
             (tmp_path / "default" / "checkpoints" / tag / "half_written.pt").write_bytes(b"\0" * 100)
-            raise OSError("disk full")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return original(save_dir, tag=tag, **kwargs)
 
     monkeypatch.setattr(trainer.engine, "save_checkpoint", crash_at_step_4)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="step-4 failed on rank 0: No space left on device; .*latest still "
+                       "names the previous complete checkpoint"):
         trainer.train()
     checkpoints = tmp_path / "default" / "checkpoints"
     assert read_pointer(checkpoints / "latest") == "step-2"
@@ -246,7 +250,7 @@ def test_resume_latest_without_checkpoints_is_a_clear_error(tmp_path):
 
 
 def test_keep_last_prunes_old_checkpoints_but_keeps_the_best(tmp_path):
-    trainer = tiny_trainer(tmp_path, "train.max_steps=8", "train.keep_last=1", "eval.every_steps=2",
+    trainer = tiny_trainer(tmp_path, "train.max_steps=8", "train.save_every=1", "eval.every_steps=2",
                            "train.best_metric=eval/synthetic/top1", "eval.batch_size=64",
                            "data.synthetic.eval_samples=64")
     trainer.train()
@@ -254,8 +258,13 @@ def test_keep_last_prunes_old_checkpoints_but_keeps_the_best(tmp_path):
     kept = sorted(p.name for p in checkpoints.glob("step-*"))
     best = read_pointer(checkpoints / "best")
     assert read_pointer(checkpoints / "latest") == "step-8"
-    assert set(kept) == {"step-8", best}
-    assert torch.load(checkpoints / "step-8" / "rank-0.pt", weights_only=False)["config"]["train"]["keep_last"] == 1
+    assert set(kept) == {"step-7", "step-8", best}
+    assert [json.loads((checkpoints / t / "COMPLETE").read_text())["seq"] for t in ("step-7", "step-8")] == [7, 8]
+
+
+def test_keep_last_below_two_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="keep_last must be >= 2"):
+        tiny_trainer(tmp_path, "train.keep_last=1")
 
 
 def test_export_command_writes_safetensors_in_the_chosen_dtype(tmp_path, capsys):

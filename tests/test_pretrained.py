@@ -79,7 +79,9 @@ def test_openai_torchscript_checkpoint_loads(reference, tmp_path):
     torch.save(reference, tmp_path / "reference.pt")
     subprocess.run([sys.executable, "-c", SCRIPT_A_CLIP, str(REPO / "dsclip" / "model" / "configs"),
                     str(tmp_path / "reference.pt"), str(tmp_path / "openai-style.pt")], check=True, timeout=300)
-    assert_same_weights(loaded_weights(str(tmp_path / "openai-style.pt")), reference)
+    with pytest.raises(PretrainedError, match=r"openai-style.pt is a TorchScript archive: .* --trust-checkpoint"):
+        loaded_weights(str(tmp_path / "openai-style.pt"))
+    assert_same_weights(loaded_weights(str(tmp_path / "openai-style.pt"), trust=True), reference)
 
 
 class Payload:
@@ -92,7 +94,7 @@ class Payload:
 def test_pickle_that_runs_code_is_refused_without_opt_in(reference, tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({**reference, "extra": Payload()}, path)
-    with pytest.raises(PretrainedError, match=r"evil.pt contains pickled Python objects .* --trust-checkpoint"):
+    with pytest.raises(PretrainedError, match=r"evil.pt holds pickled Python objects .* --trust-checkpoint"):
         read_source("dsclip-tiny", str(path), trust=False)
 
 
@@ -103,7 +105,7 @@ class TrainingNote:
 def test_trusted_pickle_loads_with_opt_in(reference, tmp_path):
     path = tmp_path / "trusted.pt"
     torch.save({**reference, "note": TrainingNote()}, path)
-    with pytest.raises(PretrainedError, match="contains pickled Python objects"):
+    with pytest.raises(PretrainedError, match="holds pickled Python objects"):
         read_source("dsclip-tiny", str(path), trust=False)
     assert_same_weights(loaded_weights(str(path), trust=True), reference)
 

@@ -3,7 +3,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from dsclip.commands.common import add_log_level, guarded
+from dsclip.commands.common import add_log_level, add_trust_checkpoint, guarded
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +16,7 @@ def parser() -> argparse.ArgumentParser:
                    "weights file (.bin/.pt/.safetensors, config beside it as .json); default <run>/export")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="tensor dtype (default fp32)")
     p.add_argument("--safetensors", action="store_true", help="write safetensors instead of a torch pickle")
+    add_trust_checkpoint(p)
     add_log_level(p)
     return p
 
@@ -31,9 +32,9 @@ def export(args: argparse.Namespace) -> int:
     from dsclip.training.export import DTYPES, export_checkpoint
 
     root, tag = resolve_checkpoint(args.ckpt, Path(args.ckpt) / CHECKPOINTS)
-    cfg = run_config_of(root, tag)
+    cfg = run_config_of(root, tag, args.trust_checkpoint)
     log.info("merging the ZeRO shards of %s", root / tag)
     weights = export_checkpoint(root, tag, cfg.model, args.out or root.parent / "export", DTYPES[args.dtype],
-                                args.safetensors)
+                                args.safetensors, args.trust_checkpoint)
     log.info("exported %s to %s", root / tag, weights)
     return 0

@@ -21,6 +21,7 @@ from torch import nn
 from dsclip.errors import PretrainedError
 from dsclip.model.pos_embed import fit_pos_embeds
 from dsclip.model.run_folder import CHECKPOINTS, consolidated_state_dict, is_run_folder, resolve_checkpoint
+from dsclip.model.safe_files import TRUST_HINT, refusal
 from dsclip.model.weights import CONFIG_FILE, HF_WEIGHT_FILES
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def read_folder(folder: Path, model_name: str, trust: bool) -> dict[str, torch.T
     """An HF-hub style model folder, or a dsclip run / checkpoints folder."""
     if is_run_folder(folder):
         root, tag = resolve_checkpoint(str(folder), folder / CHECKPOINTS)
-        return consolidated_state_dict(root, tag)
+        return consolidated_state_dict(root, tag, trust)
     return read_file(weights_in_folder(folder, model_name), trust)
 
 
@@ -112,17 +113,19 @@ def check_architecture(folder_cfg: dict, model_name: str, where: str) -> None:
 
 
 def read_file(path: Path, trust: bool) -> dict[str, torch.Tensor]:
-    """Weights only: safetensors, TorchScript archives (OpenAI's CLIP releases; TorchScript's loader
-    builds only tensors and TorchScript types), or torch.load(weights_only=True) unless trusted."""
+    """Weights only: safetensors or torch.load(weights_only=True), unless trusted. TorchScript
+    archives (OpenAI's CLIP releases) hold code that runs when the model is called, and
+    torch.jit.load has no weights-only mode: they are read only when trusted."""
     if is_torchscript(path):
+        if not trust:
+            raise PretrainedError(f"{path} is a TorchScript archive: it carries code, and loading it is only "
+                                  f"safe for a file you trust; {TRUST_HINT}")
         state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
         return {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
     try:
         return open_clip_read_weights(str(path), weights_only=not trust)
     except pickle.UnpicklingError:
-        raise PretrainedError(
-            f"{path} contains pickled Python objects that could run code when loaded; refusing it. "
-            "If you trust its origin, pass --trust-checkpoint (recipe: model.trust_checkpoint: true)") from None
+        raise PretrainedError(refusal(path)) from None
     except (RuntimeError, OSError, ValueError) as e:
         raise PretrainedError(f"cannot read weights from {path}: {str(e).splitlines()[0]}") from None
 

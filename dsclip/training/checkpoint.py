@@ -1,50 +1,88 @@
 """Saving training checkpoints: DeepSpeed's files plus dsclip's per-rank train state (and reading
-that state back), a step counted only once complete, the `latest` and `best` pointers, and
-pruning. The folder layout is in dsclip/model/run_folder.py; resuming is training/resume.py,
-export training/export.py.
+that state back), a step counted only once complete, the `latest` and `best` pointers, pruning,
+and setting a later timeline aside when a run resumes an older step. The folder layout is in
+dsclip/model/run_folder.py; resuming is training/resume.py, export training/export.py.
 
-A crash mid-save leaves step-N without COMPLETE and `latest` on the previous checkpoint.
+A crash mid-save leaves step-N without COMPLETE and `latest` on the previous checkpoint. Every
+decision about the folder (complete? which tag? enough space?) is made on rank 0 and broadcast:
+ranks that each read the disk can disagree (NFS attribute caching) and then make different
+collectives.
 """
 import json
+import logging
 import random
 import shutil
+import time
+import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from dsclip.config import RunConfig, from_dict
-from dsclip.errors import CheckpointError
-from dsclip.fileio import atomic_write, atomic_write_text
-from dsclip.model.run_folder import (BEST, COMPLETE, LATEST, STEP_PREFIX, complete_steps, is_complete, read_pointer,
+from dsclip.errors import CheckpointError, UserError
+from dsclip.fileio import atomic_write, atomic_write_text, sync_folder
+from dsclip.model.run_folder import (BEST, COMPLETE, LATEST, STEP_PREFIX, is_complete, read_marker, read_pointer,
                                      step_tag, tag_step)
+from dsclip.model.safe_files import TRUST_HINT, load_file, seal
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+BYTES_PER_PARAMETER = 16  # a first save's size: fp32 weights, two Adam moments, fp32 master
+SPACE_MARGIN = 1.2
+SET_ASIDE_PREFIX = "set-aside-"
 
 
 def rank_state_file(root: Path, tag: str, rank: int) -> Path:
     return root / tag / f"rank-{rank}.pt"
 
 
-def read_rank_state(root: Path, tag: str, rank: int) -> dict[str, Any]:
+def read_rank_state(root: Path, tag: str, rank: int, trust: bool = False) -> dict[str, Any]:
     state_file = rank_state_file(root, tag, rank)
     if not state_file.is_file():
         raise CheckpointError(f"{state_file} is missing: that checkpoint was written by fewer ranks than this run "
                               "has; resume with the original number of ranks")
-    # dsclip's own file, written by CheckpointManager.save: it holds numpy RNG state, which weights_only cannot read.
-    return torch.load(state_file, weights_only=False)
+    try:
+        return load_file(state_file, trust)
+    except CheckpointError as e:
+        if "pickled" in str(e):  # dsclip before 2026-12 pickled numpy's RNG state into this file
+            raise CheckpointError(f"{state_file} holds pickled Python objects (a train state written by an older "
+                                  f"dsclip, or a planted file); refusing it: {TRUST_HINT}") from None
+        raise
 
 
-def run_config_of(root: Path, tag: str) -> RunConfig:
+def run_config_of(root: Path, tag: str, trust: bool = False) -> RunConfig:
     """The resolved RunConfig a checkpoint was trained with."""
-    return from_dict(RunConfig, read_rank_state(root, tag, 0)["config"], path="")
+    return from_dict(RunConfig, read_rank_state(root, tag, 0, trust)["config"], path="")
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors, ints and strings only: loadable weights-only."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((kind, keys.astype(np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_sequence(folder: Path) -> int:
+    """The order in which a complete checkpoint was saved (markers before 2026-12: its step)."""
+    record = read_marker(folder)
+    return int(record.get("seq", record.get("step", 0)))
 
 
 class CheckpointManager:
@@ -54,43 +92,169 @@ class CheckpointManager:
     def __init__(self, root: Path, keep_last: int, best_metric: Optional[str] = None, best_mode: str = "max"):
         self.root, self.keep_last = root, keep_last
         self.best_metric, self.best_mode = best_metric, best_mode
-        self.rank = dist.get_rank()
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.check_shared()
 
+    # -- collectives around rank 0's decisions ----------------------------------------------
+    def on_rank0(self, decide: Callable[[], T]) -> T:
+        """`decide()` run on rank 0 and its result given to every rank; an error there is raised on
+        every rank, so no rank is left waiting at the next collective."""
+        outcome: list[Any] = [None, None]
+        if self.rank == 0:
+            try:
+                outcome = [decide(), None]
+            except UserError as e:
+                outcome = [None, str(e)]
+            except OSError as e:
+                outcome = [None, f"{e.filename or self.root}: {e.strerror or e} (checkpoint folder {self.root})"]
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[1] is not None:
+            raise CheckpointError(outcome[1])
+        return outcome[0]
+
+    def check_shared(self) -> None:
+        """Every rank must see rank 0's checkpoint folder: saves are collective, and a rank that
+        writes to a node-local folder of the same name makes checkpoints nobody can resume."""
+        def write_probe() -> str:
+            self.root.mkdir(parents=True, exist_ok=True)
+            token = uuid.uuid4().hex
+            (self.root / f".probe-{token}").write_text(token)
+            return token
+
+        token = self.on_rank0(write_probe)
+        probe = self.root / f".probe-{token}"
+        sees = probe.is_file() and probe.read_text() == token
+        blind = [None] * self.world_size
+        dist.all_gather_object(blind, None if sees else self.rank)
+        self.on_rank0(lambda: probe.unlink())
+        missing = [r for r in blind if r is not None]
+        if missing:
+            raise CheckpointError(f"rank(s) {missing} cannot see the checkpoint folder {self.root} that rank 0 writes: "
+                                  "put output_dir on a filesystem every node shares (e.g. NFS, Lustre)")
+
+    # -- saving -----------------------------------------------------------------------------
     def save(self, engine, train_state: dict[str, Any], metrics: Optional[dict[str, float]] = None) -> str:
         """Write step-<global step>; returns its tag. An existing complete one is left as it is."""
         tag = step_tag(engine.global_steps)
-        if is_complete(self.root / tag):
+        if self.on_rank0(lambda: self.prepare(tag, engine)) == "complete":
             return tag
-        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
-        state = {**train_state, "rng": rng_state(), "world_size": dist.get_world_size()}
-        atomic_write(rank_state_file(self.root, tag, self.rank), lambda path: torch.save(state, path))
-        dist.barrier()  # every rank's files are on disk
-        if self.rank == 0:
-            atomic_write_text(self.root / tag / COMPLETE, json.dumps({"step": engine.global_steps, **(metrics or {})}))
-            self._update_best(tag, metrics or {})
-            atomic_write_text(self.root / LATEST, tag)
-            self._prune()
-        dist.barrier()
+        folder = self.root / tag
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+            state = {**train_state, "rng": rng_state(), "world_size": self.world_size}
+            atomic_write(rank_state_file(self.root, tag, self.rank), lambda path: torch.save(state, path))
+        except OSError as e:  # this rank exits; the launcher stops the others (or the collective timeout does)
+            where = f" ({e.filename})" if e.filename else ""
+            raise CheckpointError(f"saving {folder} failed on rank {self.rank}: {e.strerror or e}{where}; "
+                                  f"{self.root / LATEST} still names the previous complete checkpoint") from None
+        dist.barrier()  # every rank's files are written
+        names = self.on_rank0(lambda: sorted(p.name for p in folder.iterdir()
+                                             if p.is_file() and not p.name.startswith(".")))
+        parts: list[Optional[dict[str, str]]] = [None] * self.world_size
+        dist.all_gather_object(parts, seal([folder / n for n in names[self.rank::self.world_size]]))
+        manifest = {name: digest for part in parts for name, digest in (part or {}).items()}
+        self.on_rank0(lambda: self.commit(tag, engine.global_steps, manifest, metrics or {}))
         return tag
 
-    def _update_best(self, tag: str, metrics: dict[str, float]) -> None:
+    def prepare(self, tag: str, engine) -> str:
+        """Rank 0, before a save: 'complete' if `tag` is already saved; otherwise a stale partial
+        folder of that tag is cleared and the free space checked."""
+        folder = self.root / tag
+        if is_complete(folder):
+            return "complete"
+        if folder.exists():
+            shutil.rmtree(folder)
+        need = self.expected_size(engine) * SPACE_MARGIN
+        free = shutil.disk_usage(self.root).free
+        if free < need:
+            raise CheckpointError(f"{self.root} has {free / 2**30:.2f} GiB free, a checkpoint needs about "
+                                  f"{need / 2**30:.2f} GiB: free space there, or set output_dir elsewhere")
+        return "save"
+
+    def expected_size(self, engine) -> float:
+        """The newest complete checkpoint's size, or an estimate from the parameter count."""
+        newest = self.complete_by_sequence()[-1:]
+        if newest:
+            return sum(p.stat().st_size for p in (self.root / newest[0]).iterdir() if p.is_file())
+        parameters = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+        return parameters * BYTES_PER_PARAMETER
+
+    def commit(self, tag: str, step: int, manifest: dict[str, str], metrics: dict[str, float]) -> None:
+        """Rank 0, once every file is synced: COMPLETE (atomic, durable), best, latest, then pruning."""
+        complete = self.complete_by_sequence()
+        sequence = 1 + max((save_sequence(self.root / t) for t in complete), default=0)
+        record = {"step": step, "seq": sequence, "best_by": [self.best_metric, self.best_mode], **metrics,
+                  "files": manifest}
+        atomic_write_text(self.root / tag / COMPLETE, json.dumps(record))
+        self.update_best(tag, metrics)
+        atomic_write_text(self.root / LATEST, tag)
+        self.prune()
+
+    def update_best(self, tag: str, metrics: dict[str, float]) -> None:
         if not self.best_metric or self.best_metric not in metrics:
             return
-        best = read_pointer(self.root / BEST)
-        previous = json.loads((self.root / best / COMPLETE).read_text()).get(self.best_metric) if best else None
+        previous = self.best_value()
         if previous is not None:
             value = metrics[self.best_metric]
             if not (value > previous if self.best_mode == "max" else value < previous):
                 return
         atomic_write_text(self.root / BEST, tag)
 
-    def _prune(self) -> None:
-        """Keep the newest `keep_last` complete checkpoints and the best; drop stale incomplete ones."""
-        complete = sorted(complete_steps(self.root))
-        keep = {step_tag(s) for s in complete[-self.keep_last:]} | {read_pointer(self.root / BEST)}
-        newest = complete[-1] if complete else -1
+    def best_value(self) -> Optional[float]:
+        """The current best checkpoint's value of train.best_metric; None (with a warning) when
+        `best` is missing, points at a folder that is gone, or was chosen by another metric or mode."""
+        best = read_pointer(self.root / BEST)
+        if best is None:
+            return None
+        record = read_marker(self.root / best) if is_complete(self.root / best) else {}
+        value = record.get(self.best_metric)
+        chosen_by = record.get("best_by", [self.best_metric, self.best_mode])
+        if not isinstance(value, (int, float)) or list(chosen_by) != [self.best_metric, self.best_mode]:
+            log.warning("best pointed at %s, chosen by %s; restarting the best checkpoint by %s (%s)", best,
+                        chosen_by if record else "a checkpoint that is gone", self.best_metric, self.best_mode)
+            return None
+        return float(value)
+
+    def complete_by_sequence(self) -> list[str]:
+        """Tags of the complete checkpoints, oldest save first."""
+        complete = [f for f in self.root.glob(f"{STEP_PREFIX}*") if tag_step(f.name) is not None and is_complete(f)]
+        return [f.name for f in sorted(complete, key=save_sequence)]
+
+    def prune(self) -> None:
+        """Keep the `keep_last` newest saves and the best; drop incomplete folders (stale: saves
+        are sequential and this one just finished)."""
+        keep = set(self.complete_by_sequence()[-self.keep_last:]) | {read_pointer(self.root / BEST)}
         for folder in self.root.glob(f"{STEP_PREFIX}*"):
-            step = tag_step(folder.name)
-            stale_partial = not is_complete(folder) and step is not None and step < newest
-            if folder.name not in keep and (is_complete(folder) or stale_partial):
+            if folder.name not in keep:
                 shutil.rmtree(folder, ignore_errors=True)
+        sync_folder(self.root)
+
+    # -- resuming ---------------------------------------------------------------------------
+    def continue_from(self, tag: str) -> None:
+        """Resuming `tag` of this folder starts a new timeline from it: checkpoints saved after it
+        (and partial folders above its step) are moved into set-aside-<time>/, `latest` names it
+        again, and `best` restarts if it pointed into the set-aside ones."""
+        self.on_rank0(lambda: self.set_aside_after(tag))
+
+    def set_aside_after(self, tag: str) -> None:
+        resumed_sequence, resumed_step = save_sequence(self.root / tag), tag_step(tag)
+        later = [f for f in self.root.glob(f"{STEP_PREFIX}*") if tag_step(f.name) is not None and f.name != tag
+                 and (save_sequence(f) > resumed_sequence if is_complete(f) else tag_step(f.name) > resumed_step)]
+        partial = [f.name for f in self.root.glob(f"{STEP_PREFIX}*") if not is_complete(f) and f not in later]
+        if partial:
+            log.warning("ignoring incomplete checkpoint folder(s) %s (interrupted saves; pruned at the next save)",
+                        ", ".join(sorted(partial)))
+        if later:
+            aside = self.root / f"{SET_ASIDE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
+            aside.mkdir()
+            for folder in later:
+                folder.rename(aside / folder.name)
+            log.warning("resuming %s of a run that went on to %s: those checkpoints are moved to %s", tag,
+                        ", ".join(sorted(f.name for f in later)), aside)
+            best = read_pointer(self.root / BEST)
+            if best in {f.name for f in later}:
+                (self.root / BEST).unlink()
+                log.warning("best pointed at %s, now set aside; restarting the best checkpoint by %s (%s)", best,
+                            self.best_metric, self.best_mode)
+            sync_folder(aside)
+        atomic_write_text(self.root / LATEST, tag)

@@ -64,6 +64,8 @@ def build_run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] =
         (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     checkpoints = CheckpointManager(cfg.checkpoints_dir, cfg.train.keep_last, cfg.train.best_metric,
                                     cfg.train.best_mode)
+    if point is not None and point.root.resolve() == cfg.checkpoints_dir.resolve():
+        checkpoints.continue_from(point.tag)
     tracker = Tracker(cfg.logging, cfg.run_dir, to_dict(cfg), rank == 0, resume=point is not None)
     return RunParts(cfg, engine, data, loss_fn, evals, checkpoints, tracker, total_steps, precision(ds), epoch)
 

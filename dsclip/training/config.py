@@ -67,7 +67,7 @@ class TrainConfig:
     grad_cache: bool = False  # true: a step's micro-batches form one contrastive batch (gradient caching: one extra forward); false: each micro-batch contrasts only within itself
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
     save_every: int = 0  # optimizer steps between checkpoints (also saved at each epoch end and at the end); 0 = epoch ends and end only
-    keep_last: int = 2  # complete checkpoints kept (older ones pruned; the best is always kept)
+    keep_last: int = 2  # complete checkpoints kept, >= 2 (older ones pruned; the best is always kept)
     best_metric: Optional[str] = None  # keep the checkpoint with the best value of this eval metric, e.g. eval/synthetic/top1
     best_mode: Literal["max", "min"] = "max"  # whether a larger or smaller best_metric is better
     export: bool = True  # write open_clip-loadable weights to <run>/export at the end
@@ -77,7 +77,8 @@ class TrainConfig:
             raise ConfigError("train.epochs and train.max_steps are both < 1: set one of them to a positive number")
         if self.grad_accum_steps < 1:
             raise ConfigError(f"train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
-        if self.keep_last < 1:
-            raise ConfigError(f"train.keep_last must be >= 1 (the newest checkpoint is always kept), got {self.keep_last}")
+        if self.keep_last < 2:
+            raise ConfigError(f"train.keep_last must be >= 2 (with 1, no complete checkpoint would remain while the "
+                              f"next one is written), got {self.keep_last}")
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")

@@ -1,18 +1,18 @@
-"""Resuming a run exactly: find the checkpoint, refuse one this run cannot continue (a setting
-that changes the computation, another world size), then restore the engine (model, optimizer,
-LR schedule, step), this rank's RNG and the data position."""
-import random
+"""Resuming a run exactly: find the checkpoint (rank 0 decides which, every rank verifies its share
+of the files), refuse one this run cannot continue (a setting that changes the computation,
+another world size), then restore the engine (model, optimizer, LR schedule, step), this rank's
+RNG and the data position."""
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+import torch.distributed as dist
 
 from dsclip.config import RunConfig, flat_keys, to_dict
 from dsclip.errors import CheckpointError
-from dsclip.model.run_folder import resolve_checkpoint
-from dsclip.training.checkpoint import read_rank_state
+from dsclip.model.run_folder import raise_first, resolve_checkpoint, verify_checkpoint
+from dsclip.model.safe_files import weights_only_loads
+from dsclip.training.checkpoint import read_rank_state, set_rng_state
 
 # Recipe keys a resumed run may change: they do not alter what is computed.
 RESUME_MAY_CHANGE = ("name", "output_dir", "logging.", "eval.", "train.save_every", "train.keep_last",
@@ -25,17 +25,32 @@ class ResumePoint:
     root: Path  # the checkpoints folder
     tag: str  # step-N
     state: dict[str, Any]  # this rank's saved train state: epoch, data position, RNG, config, world size
+    trust: bool  # --trust-checkpoint: the files may be loaded with full unpickling
 
 
 def find_resume_point(spec: str, cfg: RunConfig, rank: int, world_size: int) -> ResumePoint:
-    """The checkpoint `spec` names (`latest` or a folder), checked to continue this run exactly."""
-    root, tag = resolve_checkpoint(spec, cfg.checkpoints_dir)
-    state = read_rank_state(root, tag, rank)
+    """The checkpoint `spec` names (`latest` or a folder), verified and checked to continue this
+    run exactly. Call on every rank: an error is raised on all of them."""
+    trust = cfg.model.trust_checkpoint
+    located = [None]
+    if rank == 0:
+        try:
+            located = [resolve_checkpoint(spec, cfg.checkpoints_dir)]
+        except CheckpointError as e:
+            located = [str(e)]
+    dist.broadcast_object_list(located, src=0)
+    if isinstance(located[0], str):
+        raise CheckpointError(located[0])
+    root, tag = located[0]
+    problems: list[list[str]] = [[] for _ in range(world_size)]
+    dist.all_gather_object(problems, verify_checkpoint(root, tag, trust, rank, world_size))
+    raise_first([p for rank_problems in problems for p in rank_problems])
+    state = read_rank_state(root, tag, rank, trust)
     conflicts = resume_conflicts(state["config"], to_dict(cfg), state["world_size"], world_size)
     if conflicts:
         raise CheckpointError(f"cannot resume {root / tag}: the run differs in " + "; ".join(conflicts)
                               + " (restore those settings, or start a new run with --pretrained)")
-    return ResumePoint(root, tag, state)
+    return ResumePoint(root, tag, state, trust)
 
 
 def resume_conflicts(saved: dict[str, Any], current: dict[str, Any], saved_world: int, world: int) -> list[str]:
@@ -53,18 +68,16 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any], saved_world
 def restore(engine, data, point: ResumePoint) -> int:
     """Engine state (model, optimizer, LR schedule, global step), this rank's RNG and the data
     position of `point`; returns the epoch to continue."""
-    load_path, _ = engine.load_checkpoint(str(point.root), tag=point.tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    try:
+        with weights_only_loads(point.trust):
+            load_path, _ = engine.load_checkpoint(str(point.root), tag=point.tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+    except (KeyError, ValueError, RuntimeError, OSError) as e:  # files a manifest did not cover (older dsclip)
+        raise CheckpointError(f"DeepSpeed could not load {point.root / point.tag} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}): the checkpoint is damaged; "
+                              "resume from an earlier step-N folder") from None
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {point.root / point.tag}")
     set_rng_state(point.state["rng"])
     data.load_state_dict(point.state["data"])
     return point.state["epoch"]
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,112 @@
+"""Checkpoint files read as untrusted: a pickle may run code when it is loaded, so every file that
+dsclip did not write in this run is loaded weights-only (tensors, plain containers and the three
+DeepSpeed classes its checkpoints hold) unless the user passes --trust-checkpoint. COMPLETE
+carries a sha256 manifest of its folder; `check_files` verifies it before anything is loaded.
+"""
+import hashlib
+import logging
+import os
+import pickle
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from dsclip.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+TRUST_HINT = "if you trust its origin, pass --trust-checkpoint (recipe: model.trust_checkpoint: true)"
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch's switch: weights_only=True whatever the caller passes
+HASH_CHUNK = 16 << 20
+
+
+def refusal(path: Path) -> str:
+    return f"{path} holds pickled Python objects that could run code when loaded; refusing it ({TRUST_HINT})"
+
+
+def deepspeed_checkpoint_classes() -> list[type]:
+    """The classes in DeepSpeed 0.19's ZeRO-2/3 checkpoint files besides tensors and containers:
+    an int enum, a plain record and the static loss scaler, none of which runs code on load."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+def load_file(path: Path, trust: bool, mmap: bool = False) -> Any:
+    """torch.load of one checkpoint file, weights-only unless trusted; a refused or unreadable file
+    is a one-line CheckpointError naming it. `mmap` reads the pickle and maps the tensor data."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_checkpoint_classes()):
+            return torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e) and not trust:  # the weights-only unpickler met a global it does not allow
+            raise CheckpointError(refusal(path)) from None
+        raise CheckpointError(damaged(path, e)) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(damaged(path, e)) from None
+
+
+def damaged(path: Path, error: BaseException) -> str:
+    first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return (f"{path} is damaged or truncated ({first_line[:200]}): restore it, or resume from an earlier "
+            "step-N folder")
+
+
+@contextmanager
+def weights_only_loads(trust: bool) -> Iterator[None]:
+    """Every torch.load inside runs weights-only unless trusted. DeepSpeed's checkpoint engine and
+    zero_to_fp32 call torch.load(weights_only=False) and take no argument to change it, so torch's
+    own override switch is set for the duration (the process is single-threaded while it loads)."""
+    if trust:
+        yield
+        return
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_checkpoint_classes()):
+            yield
+    finally:
+        if previous is None:
+            del os.environ[FORCE_WEIGHTS_ONLY]
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def seal(paths: list[Path]) -> dict[str, str]:
+    """fsync each file (DeepSpeed writes its shards without) and return {name: sha256} for COMPLETE."""
+    sealed = {}
+    for path in paths:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        sealed[path.name] = sha256_of(path)
+    return sealed
+
+
+def check_files(folder: Path, manifest: dict[str, str], names: list[str], trust: bool) -> list[str]:
+    """Problems with the manifest's files `names` in `folder`: missing, changed since the save, or
+    (untrusted) holding objects a weights-only load refuses. Nothing is loaded when a problem is found."""
+    problems = []
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{path} is missing: the checkpoint is incomplete; resume from an earlier step-N folder")
+        elif sha256_of(path) != manifest[name]:
+            problems.append(f"{path} changed since it was saved (sha256 mismatch: damaged or replaced); restore it, "
+                            "or resume from an earlier step-N folder")
+        elif path.suffix == ".pt" and not trust:
+            try:
+                load_file(path, trust=False, mmap=True)
+            except CheckpointError as e:
+                problems.append(str(e))
+    return problems

@@ -1,0 +1,78 @@
+"""Helpers of the fault suite: dsclip commands in fresh processes, a tiny run to damage, and the
+tools of a hostile user (a pickle that creates a file, a re-sealed manifest)."""
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dsclip_testutils import REPO, ds_config, subprocess_env
+
+TINY = ["--set", "optim.warmup_steps=1", "--set", "data.batch_size=8", "--set", "data.synthetic.train_samples=40",
+        "--set", "eval.at_start=false", "--set", "eval.at_end=false", "--set", "logging.log_every=1"]
+
+
+class Finished:
+    def __init__(self, proc: subprocess.CompletedProcess, seconds: float):
+        self.returncode, self.stdout, self.stderr, self.seconds = proc.returncode, proc.stdout, proc.stderr, seconds
+
+    def error_line(self) -> str:
+        """The one `dsclip: error:` line of stderr (asserting there is exactly one, and no traceback)."""
+        lines = [line for line in self.stderr.splitlines() if line.startswith("dsclip: error:")]
+        assert len(lines) == 1 and "Traceback" not in self.stderr, self.stderr[-3000:]
+        return lines[0]
+
+
+INJECT = Path(__file__).parent / "inject"
+
+
+def dsclip(*args: str, fault: str = "", timeout: float = 300) -> Finished:
+    """`dsclip ARGS` (a command, or `train` for dsclip/train.py) in one fresh process, with the
+    injected `fault` (inject/sitecustomize.py) if one is named."""
+    command = [str(REPO / "dsclip" / "train.py"), *args[1:]] if args[0] == "train" else ["-m", "dsclip.cli", *args]
+    env = subprocess_env(**({"DSCLIP_FAULT": fault, "PYTHONPATH": str(INJECT)} if fault else {}))
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, *command], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    return Finished(proc, time.monotonic() - start)
+
+
+def train(out: Path, *extra: str, fault: str = "", timeout: float = 300) -> Finished:
+    """A tiny single-process run under ZeRO-3 into `out`/default."""
+    return dsclip("train", "--deepspeed_config", str(ds_config(3, out.parent)), "--output-dir", str(out), *TINY,
+                  *extra, fault=fault, timeout=timeout)
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to)
+    return to
+
+
+class CreatesFile:
+    """Unpickling this calls open(path, 'w'): the file appears only if the pickle was executed."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def plant(file: Path, sentinel: Path) -> None:
+    """Rewrite a checkpoint file with the payload beside its content, and re-seal COMPLETE's
+    manifest as a hostile uploader would (so the sha256 check passes and the unpickler is tested)."""
+    content = torch.load(file, weights_only=False)
+    torch.save({**content, "payload": CreatesFile(sentinel)} if isinstance(content, dict) else CreatesFile(sentinel),
+               file)
+    reseal(file)
+
+
+def reseal(file: Path) -> None:
+    from dsclip.model.safe_files import sha256_of
+    marker = file.parent / "COMPLETE"
+    record = json.loads(marker.read_text())
+    record["files"][file.name] = sha256_of(file)
+    marker.write_text(json.dumps(record))

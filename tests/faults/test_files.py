@@ -1,0 +1,189 @@
+"""Fault cases on the files of a run: planted pickles, damaged or missing checkpoint files,
+pointers that lead astray, a full disk, a resumed older step, a changed best metric. Every case
+is a real dsclip process over a real checkpoint; the errors must be one line naming the file."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dsclip.model.run_folder import consolidated_state_dict, read_pointer
+from faultlib import CreatesFile, copy_run, dsclip, plant, reseal, train
+
+pytestmark = pytest.mark.multiprocess
+
+SAVES = ["--set", "train.max_steps=12", "--set", "train.save_every=4", "--set", "train.keep_last=3"]
+EXPORTED = [*SAVES, "--set", "train.export=true"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A finished 12-step run with checkpoints at steps 4, 8, 12 and its export."""
+    out = tmp_path_factory.mktemp("base") / "out"
+    finished = train(out, *EXPORTED)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return out
+
+
+def checkpoints(out: Path) -> Path:
+    return out / "default" / "checkpoints"
+
+
+def resume(out: Path, *extra: str, fault: str = ""):
+    return train(out, *EXPORTED, "--resume", str(checkpoints(out) / "step-8"), *extra, fault=fault)
+
+
+PLANTED = {  # where the payload goes -> the commands that must refuse it
+    "train state rank-0.pt": ("step-8/rank-0.pt", ["resume", "export"]),
+    "ZeRO model shard": ("step-12/zero_pp_rank_0_mp_rank_00_model_states.pt", ["export", "pretrained"]),
+    "ZeRO optimizer shard": ("step-8/zero_pp_rank_0_mp_rank_00_optim_states.pt", ["resume"]),
+}
+
+
+def refuses(command: str, step_folder: Path, tmp_path: Path):
+    """Run `command` on the checkpoint folder `step_folder` (resume: step-8; --pretrained: the run's latest)."""
+    if command == "resume":
+        return resume(step_folder.parents[2])
+    if command == "export":
+        return dsclip("export", str(step_folder), "--out", str(tmp_path / "export"))
+    return train(tmp_path / "new", *SAVES, "--pretrained", str(step_folder.parents[1]))
+
+
+@pytest.mark.parametrize("place", PLANTED)
+def test_a_planted_pickle_is_refused_without_trust(place, run, tmp_path, record):
+    out = copy_run(run, tmp_path / "copy")
+    file, commands = PLANTED[place]
+    sentinel = tmp_path / "pwned"
+    plant(checkpoints(out) / file, sentinel)
+    for command in commands:
+        finished = refuses(command, (checkpoints(out) / file).parent, tmp_path)
+        line = finished.error_line()
+        assert finished.returncode == 2 and Path(file).name in line and "--trust-checkpoint" in line, line
+        assert not sentinel.exists()
+        record(f"a pickle that creates a file, as {place}", "refused without --trust-checkpoint; the file is "
+               "never created", f"refused by {command} ({finished.seconds:.0f} s); no file", seconds=finished.seconds)
+    trusted = dsclip("export", str((checkpoints(out) / file).parent), "--out", str(tmp_path / "export"),
+                     "--trust-checkpoint")
+    assert sentinel.exists(), trusted.stderr[-2000:]  # the payload is real: trusted, it runs
+
+
+def test_a_pickled_pretrained_file_and_a_torchscript_file_are_refused(tmp_path, record):
+    sentinel = tmp_path / "pwned"
+    torch.save({"payload": CreatesFile(sentinel)}, tmp_path / "weights.bin")
+    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), tmp_path / "scripted.pt")
+    for name, what in (("weights.bin", "--pretrained .bin"), ("scripted.pt", "TorchScript file")):
+        finished = train(tmp_path / name.replace(".", "-"), "--pretrained", str(tmp_path / name))
+        line = finished.error_line()
+        assert finished.returncode == 2 and name in line and "--trust-checkpoint" in line, line
+        record(f"a pickle that creates a file, as {what}", "refused without --trust-checkpoint",
+               "refused; no file", seconds=finished.seconds)
+    assert not sentinel.exists()
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {  # fault -> (how, the file the error must name, the message)
+    "bit-flipped optimizer shard": (lambda c: flip_a_byte(c / "step-8/zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+                                    "zero_pp_rank_0_mp_rank_00_optim_states.pt", "changed since it was saved"),
+    "truncated model shard": (lambda c: truncate(c / "step-8/zero_pp_rank_0_mp_rank_00_model_states.pt"),
+                              "zero_pp_rank_0_mp_rank_00_model_states.pt", "changed since it was saved"),
+    "missing optimizer file": (lambda c: (c / "step-8/zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink(),
+                               "zero_pp_rank_0_mp_rank_00_optim_states.pt", "is missing"),
+    "`latest` pointing outside": (lambda c: (c / "latest").write_text("../../../etc"), "latest",
+                                  "not a step-N checkpoint"),
+    "`latest` pointing to nothing": (lambda c: (c / "latest").write_text("step-99"), "step-99", "not found"),
+}
+
+
+@pytest.mark.parametrize("fault", DAMAGE)
+def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_file(fault, run, tmp_path, record):
+    out = copy_run(run, tmp_path / "copy")
+    damage, name, message = DAMAGE[fault]
+    damage(checkpoints(out))
+    spec = "latest" if "latest" in fault else str(checkpoints(out) / "step-8")
+    finished = train(out, *EXPORTED, "--resume", spec)
+    line = finished.error_line()
+    assert finished.returncode == 2 and name in line and message in line, line
+    assert "step " not in finished.stdout  # nothing trained: the error came before the engine loaded anything
+    record(fault, "one-line error naming the file; nothing loaded half-way", f"exit 2: ...{message}...",
+           seconds=finished.seconds)
+
+
+def test_resuming_an_older_step_sets_the_later_timeline_aside(run, tmp_path, record):
+    """A run that went on past step-8 and diverged (here: step-12 of another seed) is resumed from
+    step-8: the later folder is set aside, step-12 is saved anew and the export is this timeline's."""
+    other = train(tmp_path / "other", *SAVES, "--set", "seed=1")
+    assert other.returncode == 0, other.stderr[-3000:]
+    out = copy_run(run, tmp_path / "copy")
+    (checkpoints(out) / "step-12").rename(tmp_path / "own-step-12")
+    (checkpoints(tmp_path / "other") / "step-12").rename(checkpoints(out) / "step-12")
+    finished = resume(out)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "moved to" in finished.stdout + finished.stderr
+    root = checkpoints(out)
+    assert read_pointer(root / "latest") == "step-12"
+    assert sorted(p.name for p in root.glob("set-aside-*/*")) == ["step-10", "step-12"]  # 10: an epoch end
+    resumed = consolidated_state_dict(root, "step-12")
+    own = torch.load(run / "default" / "export" / "open_clip_pytorch_model.bin")
+    exported = torch.load(out / "default" / "export" / "open_clip_pytorch_model.bin")
+    diverged = consolidated_state_dict(next(root.glob("set-aside-*")), "step-12")
+    for name, weight in exported.items():
+        assert torch.allclose(weight.reshape(-1), own[name].reshape(-1), atol=1e-6), name
+        assert torch.equal(weight.reshape(-1), resumed[name].reshape(-1)), name
+    assert not torch.allclose(exported["visual.conv1.weight"], diverged["visual.conv1.weight"])
+    record("resume of an older step of a longer run", "the later folders are set aside, the run continues, the "
+           "final export is the new timeline's", "set aside; export matches the uninterrupted run",
+           seconds=finished.seconds)
+
+
+def test_a_changed_best_metric_on_resume_restarts_best_with_a_warning(tmp_path, record):
+    evals = ["--set", "eval.every_steps=2", "--set", "eval.batch_size=64", "--set", "data.synthetic.eval_samples=64",
+             "--set", "train.best_metric=eval/synthetic/top1"]
+    first = train(tmp_path, *SAVES, *evals)
+    assert first.returncode == 0, first.stderr[-3000:]
+    root = checkpoints(tmp_path)
+    finished = train(tmp_path, *SAVES, *evals, "--set", "train.best_mode=min", "--resume",
+                     str(root / "step-8"))
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "restarting the best checkpoint by eval/synthetic/top1 (min)" in finished.stdout + finished.stderr
+    best = json.loads((root / read_pointer(root / "best") / "COMPLETE").read_text())
+    assert best["best_by"] == ["eval/synthetic/top1", "min"]
+    record("`train.best_mode` changed on resume", "`best` restarts with a warning", "warned; best re-chosen",
+           seconds=finished.seconds)
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, record):
+    out = tmp_path / "out"
+    finished = train(out, *SAVES, fault="enospc:step-8")
+    line = finished.error_line()
+    assert finished.returncode == 2 and "No space left on device" in line and "step-8" in line, line
+    root = checkpoints(out)
+    assert read_pointer(root / "latest") == "step-5"  # an epoch end
+    resumed = train(out, *SAVES, "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_pointer(root / "latest") == "step-12"
+    record("disk full during a save (ENOSPC injected)", "one-line error, previous checkpoint intact, exit non-zero",
+           f"exit {finished.returncode}; latest stayed step-5; resume completed", seconds=finished.seconds)
+
+
+def test_reseal_helper_really_reseals(run, tmp_path):
+    """The planted-pickle cases rely on reseal(): a changed file with a resealed manifest passes
+    the sha256 check (so the refusal above comes from the unpickler, not the manifest)."""
+    from dsclip.model.run_folder import verify_checkpoint
+    out = copy_run(run, tmp_path / "copy")
+    file = checkpoints(out) / "step-8" / "rank-0.pt"
+    file.write_bytes(file.read_bytes() + b"\0")
+    assert verify_checkpoint(checkpoints(out), "step-8", trust=True)
+    reseal(file)
+    assert verify_checkpoint(checkpoints(out), "step-8", trust=True) == []
+    assert os.path.getsize(file) > 0
