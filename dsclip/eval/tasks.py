@@ -21,21 +21,31 @@ from dsclip.logs import progress
 from dsclip.metric_keys import LOSS, TOP1, TOP5, eval_key
 
 
+Stop = Optional[Callable[[], bool]]  # asked before each batch on every rank (collective); True ends the evaluation
+
+
+class EvaluationStopped(Exception):
+    """A stop signal arrived during an evaluation: every rank left it at the same batch."""
+
+
 def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def encode_shard(model, dataset: Dataset, limit: int, batch_size: int, device: torch.device, dtype: torch.dtype,
-                 tokenizer: Optional[Callable] = None, desc: str = "") -> Iterator[tuple]:
+                 tokenizer: Optional[Callable] = None, desc: str = "", stop: Stop = None) -> Iterator[tuple]:
     """This rank's share of `dataset` (index rank::world), padded so every rank makes the same
     forwards. Yields (image features, text features or None, logit scale, labels, valid mask,
-    whether the batch holds no padding on any rank) per batch."""
+    whether the batch holds no padding on any rank) per batch; raises EvaluationStopped when
+    `stop()` says so before a batch."""
     rank, world = rank_and_world()
     size = min(len(dataset), limit) if limit else len(dataset)
     per_rank = math.ceil(size / world)
     indices = [rank + world * i for i in range(per_rank)]
     starts = range(0, per_rank, batch_size)
     for start in progress(starts, total=len(starts), desc=desc):
+        if stop is not None and stop():
+            raise EvaluationStopped(desc)
         chunk = indices[start:start + batch_size]
         items = [dataset[i if i < size else 0] for i in chunk]  # padding repeats sample 0
         images = torch.stack([item[0] for item in items]).to(device, dtype)
@@ -57,12 +67,12 @@ class ZeroShotEval:
         self.prompt_tokens = tokenizer(prompts)  # (classes * templates, context)
         self.num_classes, self.num_templates = len(class_names), len(templates)
 
-    def run(self, model, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    def run(self, model, device: torch.device, dtype: torch.dtype, stop: Stop = None) -> dict[str, float]:
         text = model(texts=self.prompt_tokens.to(device))[1].float()
         classifier = zeroshot_classifier_weights(text.view(self.num_classes, self.num_templates, -1))
         counts = torch.zeros(3, dtype=torch.float64, device=text.device)  # top-1 hits, top-5 hits, images
         for features, _, _, labels, valid, _ in encode_shard(model, self.dataset, self.max_samples, self.batch_size,
-                                                             device, dtype, desc=f"eval {self.name}"):
+                                                             device, dtype, desc=f"eval {self.name}", stop=stop):
             logits, labels = (features @ classifier)[valid], labels.to(valid.device)[valid]
             hits = topk_correct(logits, labels, ks=(1, 5))
             counts += torch.tensor([hits[1], hits[5], len(labels)], dtype=torch.float64, device=counts.device)
@@ -81,11 +91,11 @@ class RetrievalEval:
         self.name, self.dataset, self.tokenizer = name, dataset, tokenizer
         self.batch_size, self.max_samples, self.loss_fn = batch_size, max_samples, loss_fn
 
-    def run(self, model, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    def run(self, model, device: torch.device, dtype: torch.dtype, stop: Stop = None) -> dict[str, float]:
         images, texts, losses = [], [], []
         for image_f, text_f, scale, _, valid, unpadded in encode_shard(
                 model, self.dataset, self.max_samples, self.batch_size, device, dtype, self.tokenizer,
-                desc=f"eval {self.name}"):
+                desc=f"eval {self.name}", stop=stop):
             images.append(image_f[valid])
             texts.append(text_f[valid])
             if unpadded:  # the loss is collective and padding would add duplicate pairs
@@ -133,12 +143,15 @@ def build_evals(cfg: EvalConfig, model: ModelInputs, synthetic_cfg: SyntheticCon
 
 
 @torch.no_grad()
-def run_evals(evals: list[Evaluation], model, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """Every evaluation, on every rank, with the model in eval mode."""
+def run_evals(evals: list[Evaluation], model, device: torch.device, dtype: torch.dtype,
+              stop: Stop = None) -> dict[str, float]:
+    """Every evaluation, on every rank, with the model in eval mode (EvaluationStopped: see encode_shard)."""
     was_training = model.training
     model.eval()
     metrics: dict[str, float] = {}
-    for evaluation in evals:
-        metrics.update(evaluation.run(model, device, dtype))
-    model.train(was_training)
+    try:
+        for evaluation in evals:
+            metrics.update(evaluation.run(model, device, dtype, stop))
+    finally:
+        model.train(was_training)
     return metrics

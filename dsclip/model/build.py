@@ -15,15 +15,14 @@ from dsclip.model.architectures import registered
 from dsclip.model.config import ModelConfig
 from dsclip.model.pretrained import load_pretrained
 
-MAX_LOGIT_SCALE = 100.0  # open_clip's clamp: exp(logit_scale) never exceeds 100
-
 
 class ContrastiveModel(nn.Module):
     """What the DeepSpeed engine wraps: every forward, for training and evaluation, goes
     through here so that ZeRO-3 gathers the parameters each tower needs.
 
     Returns (image_features, text_features, logit_scale, logit_bias); features are L2-normalised,
-    None for a tower given no input; logit_scale is exp(clamped) and logit_bias None for CLIP.
+    None for a tower given no input; logit_scale is exp(logit_scale) (the parameter is clamped
+    after each optimizer step: training/temperature.py) and logit_bias None for CLIP.
     """
 
     def __init__(self, clip: nn.Module):
@@ -35,8 +34,7 @@ class ContrastiveModel(nn.Module):
         outputs = self.clip(images, texts)
         image_features, text_features, logit_scale = outputs[:3]
         logit_bias = outputs[3] if len(outputs) > 3 else None
-        # Clamp inside forward: an in-place clamp of a ZeRO-3 partitioned parameter would not stick.
-        return image_features, text_features, logit_scale.clamp(max=MAX_LOGIT_SCALE), logit_bias
+        return image_features, text_features, logit_scale, logit_bias
 
 
 @dataclass

@@ -4,6 +4,8 @@ Building what it runs is training/components.py."""
 import logging
 import signal
 import time
+from collections import Counter
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -11,11 +13,12 @@ import torch.distributed as dist
 from dsclip import metric_keys as keys
 from dsclip.config import to_dict
 from dsclip.eval.forgetting import forgetting_report
-from dsclip.eval.tasks import run_evals
+from dsclip.eval.tasks import EvaluationStopped, run_evals
 from dsclip.training import memory
 from dsclip.training.components import RunParts
 from dsclip.training.export import export_checkpoint
 from dsclip.training.grad_cache import TrainableTowers, cached_step
+from dsclip.training.temperature import clamp_logit_scale
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption, SLURM's warning before the time limit
@@ -65,21 +68,30 @@ class Trainer:
             step = self.engine.global_steps
             if step % self.cfg.logging.log_every == 0 or step == self.total_steps:
                 last_log = self.log_progress(step, loss, logit_scale, lr, last_log)
-            metrics = self.evaluate() if self.eval_due(step) else {}
-            if self.stop_agreed():
-                self.save(metrics)
+            # Checked before a scheduled evaluation and between its batches: launchers and SLURM
+            # allow about 30 s from the signal to SIGKILL, and the save comes first.
+            stopping, metrics = self.stop_agreed(), {}
+            if not stopping and self.eval_due(step):
+                metrics = self.evaluate(stoppable=True)
+                stopping = metrics is None
+            if stopping:
+                self.save({})
                 log.info("stop signal: saved step %d; resume with --resume latest", step)
                 self.parts.tracker.close()
-                return metrics
+                return {}
             if self.save_due(step):
                 self.save(metrics)
         return self.finish(before)
 
     def optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """One optimizer step over `grad_accum_steps` micro-batches: (this rank's mean loss, the
-        logit scale, the lr the step used)."""
-        if self.cfg.train.grad_cache:
-            return self.cached_step()
+        """One optimizer step over `grad_accum_steps` micro-batches, then the temperature clamped:
+        (this rank's mean loss, the logit scale, the lr the step used)."""
+        step = self.cached_step() if self.cfg.train.grad_cache else self.accumulated_step()
+        clamp_logit_scale(self.engine.module.clip)
+        return step
+
+    def accumulated_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step whose micro-batches each contrast within themselves."""
         accum = self.cfg.train.grad_accum_steps
         loss_sum = torch.zeros((), device=self.engine.device)
         for _ in range(accum):
@@ -139,8 +151,13 @@ class Trainer:
         periodic = self.cfg.train.save_every and step % self.cfg.train.save_every == 0
         return step < self.total_steps and bool(periodic or self.data.at_epoch_end())
 
-    def evaluate(self) -> dict[str, float]:
-        metrics = run_evals(self.parts.evals, self.engine, self.engine.device, self.parts.input_dtype)
+    def evaluate(self, stoppable: bool = False) -> Optional[dict[str, float]]:
+        """Every evaluation's metrics; None when `stoppable` and a stop signal ended it early."""
+        stop = self.stop_agreed if stoppable else None
+        try:
+            metrics = run_evals(self.parts.evals, self.engine, self.engine.device, self.parts.input_dtype, stop)
+        except EvaluationStopped:
+            return None
         if metrics:
             self.parts.tracker.log(self.engine.global_steps, metrics)
             log.info("%s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -176,9 +193,12 @@ class Trainer:
     # -- reporting --------------------------------------------------------------------------
     def log_progress(self, step: int, loss: torch.Tensor, logit_scale: torch.Tensor, lr: float,
                      last_log: tuple[float, int]) -> tuple[float, int]:
-        loss = loss.to(self.engine.device)  # the process group reduces on this device (NCCL: the GPU)
-        dist.all_reduce(loss)  # 1 float: the step's loss averaged over ranks
-        loss = loss.item() / dist.get_world_size()
+        # One all-reduce of 2 floats on the process group's device (NCCL: the GPU): the step's loss
+        # averaged over ranks and the unusable samples every rank has skipped so far.
+        skipped = sum(self.data.skipped().values())
+        totals = torch.stack([loss.float().to(self.engine.device), torch.tensor(float(skipped), device=self.engine.device)])
+        dist.all_reduce(totals)
+        loss, skipped = totals[0].item() / dist.get_world_size(), int(totals[1].item())
         now = time.perf_counter()
         then, then_step = last_log
         global_batch = self.cfg.data.batch_size * self.cfg.train.grad_accum_steps * dist.get_world_size()
@@ -186,7 +206,7 @@ class Trainer:
         eta = (now - then) / max(1, step - then_step) * (self.total_steps - step)
         metrics = {keys.TRAIN_LOSS: loss, keys.TRAIN_LR: lr, keys.TRAIN_LOGIT_SCALE: logit_scale.item(),
                    keys.TRAIN_SAMPLES_PER_S: rate, keys.TRAIN_EPOCH: self.epoch,
-                   keys.SKIPPED_SAMPLES: sum(self.data.skipped().values()),
+                   keys.SKIPPED_SAMPLES: skipped,
                    keys.PEAK_RSS_MB: memory.peak_rss_bytes() / 2**20}
         if not self.model_state_logged:  # after the first step: AdamW creates its moments lazily
             metrics.update({keys.memory_key(k): v / 2**20 for k, v in memory.state_bytes(self.engine).items()})
@@ -197,7 +217,14 @@ class Trainer:
         return now, step
 
     def report(self, before: dict[str, float], after: dict[str, float]) -> None:
-        """Headline zero-shot numbers, and the forgetting table when the run evaluated at both ends."""
+        """Headline zero-shot numbers, samples skipped on all ranks, and the forgetting table when
+        the run evaluated at both ends."""
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, self.data.skipped())
+        reasons = sum((Counter(counts) for counts in per_rank), Counter())
+        if reasons:
+            log.warning("skipped %d unusable samples on all ranks: %s", sum(reasons.values()),
+                        ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())))
         for key in after:
             if key in before and keys.eval_metric(key) == keys.TOP1:
                 log.info("%s: %.2f%% before -> %.2f%% after", key, before[key], after[key])
