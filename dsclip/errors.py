@@ -29,5 +29,9 @@ class WiseFtError(PretrainedError):
     """The two weight sources cannot be mixed (different architectures)."""
 
 
+class UnequalBatchError(UserError):
+    """Ranks hold batches of different sizes at one step: the contrastive gather needs them equal."""
+
+
 class LossKernelError(UserError):
     """The Triton loss kernels disagree with their PyTorch twin on this device: use the twin."""

@@ -70,6 +70,14 @@ def _compare(rank: int) -> dict:
     results["all_gather_rounds"] = torch.equal(in_rounds, gloo_gathered)
 
     from dsclip.loss import collectives
+    try:  # rank 1 brings one element more: every rank must see both sizes and raise
+        small.all_gather(torch.empty(WORLD * (10 + rank)), torch.zeros(10 + rank))
+        results["unequal_shards"] = "no error"
+    except collectives.UnequalShards as e:
+        results["unequal_shards"] = e.shard_bytes
+    in_rounds = torch.empty(WORLD * 777_777)
+    small.all_gather(in_rounds, shard)  # and the exchange goes on working
+    results["all_gather_after_unequal"] = torch.equal(in_rounds, gloo_gathered)
     create_file = collectives._create_file
     collectives._create_file = lambda path, size: False  # as when /dev/shm is too small (rank 0 decides)
     try:
@@ -143,6 +151,13 @@ def test_results_equal_gloo_bit_for_bit(results, op):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.multiprocess
+def test_unequal_shards_raise_on_every_rank_and_the_exchange_goes_on(results):
+    for rank_results in results:
+        assert rank_results["unequal_shards"] == [40, 44]
+        assert rank_results["all_gather_after_unequal"]
+
+
 def test_without_room_in_dev_shm_no_rank_uses_the_exchange(results):
     assert all(r["no_room_no_exchange_on_any_rank"] for r in results)
 

@@ -33,6 +33,7 @@ import torch.distributed as dist
 # Bytes of /dev/shm the exchange maps (two halves, one region per rank in each); larger
 # collectives run in rounds of (this / 2 / world) bytes per rank.
 EXCHANGE_BYTES = 64 << 20
+HEADER_BYTES = 64  # per region: an all-gather's shard size (int64), padded to keep the data aligned
 
 
 class _Done:
@@ -53,11 +54,23 @@ def _kernel_sum(tensor: torch.Tensor) -> None:
     torch.ops.deepspeed.inference_all_reduce_(tensor)
 
 
+class UnequalShards(ValueError):
+    """Ranks came to one all-gather with shards of different sizes."""
+
+    def __init__(self, shard_bytes: list[int]):
+        self.shard_bytes = shard_bytes
+        super().__init__("ranks came to one all-gather with different shard sizes (bytes per rank: "
+                         f"{shard_bytes})")
+
+
 class SharedExchange:
     """All-gather, reduce-scatter and small all-reduces through one /dev/shm file that every
     local rank maps.
 
-    The file holds two halves, each with one region per rank; collectives alternate halves. A
+    The file holds two halves, each with one region per rank; collectives alternate halves. Each
+    region starts with a header where an all-gather states its shard size: every rank reads every
+    rank's size after the meeting, so unequal shards (a rank with a smaller batch) raise the same
+    error on all ranks instead of gathering garbage, at no extra collective. A
     round is: write into this rank's region, meet the other ranks (a 1-float sum through
     DeepSpeed's kernel, which returns only once every rank has arrived), read. A rank can only
     write a half again after the next round's meeting, which every rank reaches after it has
@@ -65,10 +78,12 @@ class SharedExchange:
 
     def __init__(self, path: str, region_bytes: int) -> None:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.region_bytes = region_bytes
+        self.region_bytes = region_bytes - HEADER_BYTES
         with open(path, "r+b") as f:
             self._map = mmap.mmap(f.fileno(), 2 * self.world * region_bytes)
-        self.halves = torch.frombuffer(self._map, dtype=torch.uint8).view(2, self.world, region_bytes)
+        regions = torch.frombuffer(self._map, dtype=torch.uint8).view(2, self.world, region_bytes)
+        self.headers = regions[:, :, :HEADER_BYTES].view(torch.int64)  # [half, rank, 8]
+        self.halves = regions[:, :, HEADER_BYTES:]
         self.turn = 0
         self.flag = torch.zeros(1)
 
@@ -91,10 +106,11 @@ class SharedExchange:
             os.unlink(decision[0])  # the mappings outlive the name: nothing is left behind after a crash
         return exchange
 
-    def _next_half(self) -> torch.Tensor:
-        half = self.halves[self.turn]
+    def _next_half(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the data regions, the headers) of the half whose turn it is."""
+        turn = self.turn
         self.turn ^= 1
-        return half
+        return self.halves[turn], self.headers[turn]
 
     def _meet(self) -> None:
         _kernel_sum(self.flag)
@@ -106,9 +122,12 @@ class SharedExchange:
         n = mine.numel()
         for start in range(0, n, self.region_bytes):
             size = min(self.region_bytes, n - start)
-            half = self._next_half()
+            half, headers = self._next_half()
             half[self.rank, :size].copy_(mine[start:start + size])
+            headers[self.rank, 0] = n
             self._meet()
+            if start == 0 and bool((headers[:, 0] != n).any()):
+                raise UnequalShards(headers[:, 0].tolist())
             out[:, start:start + size].copy_(half[:, :size])
 
     def can_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp) -> bool:
@@ -119,7 +138,7 @@ class SharedExchange:
         every rank gets the same bits, for any dtype and op."""
         flat = tensor.reshape(-1)
         n = flat.numel() * flat.element_size()
-        half = self._next_half()
+        half, _ = self._next_half()
         half[self.rank, :n].copy_(flat.view(torch.uint8))
         self._meet()
         flat.copy_(_reduction(op)(half[:, :n].view(tensor.dtype)))
@@ -133,7 +152,7 @@ class SharedExchange:
         n = blocks.shape[1]
         for start in range(0, n, per_block):
             size = min(per_block, n - start)
-            used = self._next_half()[:, :self.world * per_block * full.element_size()]
+            used = self._next_half()[0][:, :self.world * per_block * full.element_size()]
             half = used.view(full.dtype).view(self.world, self.world, per_block)  # [source, block, :]
             half[self.rank, :, :size].copy_(blocks[:, start:start + size])
             self._meet()
@@ -231,6 +250,13 @@ def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor) -> None:
         shared.all_gather_into_tensor(output, input)
     else:
         _torch_all_gather(output, input)
+
+
+def gather_checks_sizes(tensor: torch.Tensor) -> bool:
+    """Whether all_gather_into_tensor of `tensor` goes through the exchange, which checks that
+    every rank's shard has the same size (gloo and NCCL do not: they abort or hang)."""
+    shared = _shared_memory_backend()
+    return shared is not None and shared.exchange is not None and shared._local(None, tensor)
 
 
 def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor) -> None:

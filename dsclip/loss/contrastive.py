@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from open_clip.loss import SigLipLoss
 from torch import nn
 
+from dsclip.errors import UnequalBatchError
 from dsclip.loss import collectives
 from dsclip.loss.config import LossConfig
 from dsclip.loss.self_check import check_against_twin
@@ -41,7 +42,11 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, rows: torch.Tensor) -> torch.Tensor:
         rows = rows.contiguous()
         gathered = rows.new_empty((_world() * rows.shape[0], *rows.shape[1:]))
-        collectives.all_gather_into_tensor(gathered, rows)
+        try:
+            collectives.all_gather_into_tensor(gathered, rows)
+        except collectives.UnequalShards as e:
+            row_bytes = rows[0].numel() * rows.element_size() if rows.shape[0] else 1
+            raise unequal_batches(rows.shape[0], [n // row_bytes for n in e.shard_bytes]) from None
         return gathered
 
     @staticmethod
@@ -50,6 +55,14 @@ class _GatherRows(torch.autograd.Function):
         mine = grad.new_empty((grad.shape[0] // _world(), *grad.shape[1:]))
         collectives.reduce_scatter_tensor(mine, grad)
         return mine
+
+
+def unequal_batches(mine: int, sizes: list[int]) -> UnequalBatchError:
+    """The error every rank raises when the ranks' batches differ (`sizes`: per rank, or this
+    rank's, the largest and the smallest)."""
+    return UnequalBatchError(f"ranks hold batches of different sizes at this step (rank {dist.get_rank()}: {mine}; "
+                             f"sizes seen: {sorted(set(sizes))}): the contrastive loss needs equal batches on every "
+                             "rank; keep the data's drop_last batches, and give every rank the same data.batch_size")
 
 
 def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
@@ -178,7 +191,6 @@ class TiledContrastiveLoss(nn.Module):
         self.kind, self.impl = kind, impl
         self.twin = TwinOps(chunk_rows)
         self.triton = None
-        self.checked_batches: set[int] = set()
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor, logit_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -214,16 +226,17 @@ class TiledContrastiveLoss(nn.Module):
         return self.twin
 
     def _check_equal_batches(self, features: torch.Tensor) -> None:
-        """Ranks must hold equal local batches; checked once per new size (a host sync)."""
+        """Ranks must hold equal local batches, on every step: a check skipped on one rank (e.g.
+        for a size it saw before) while another makes it leaves the ranks in different
+        collectives. The shared-memory exchange checks the sizes inside the feature gather;
+        elsewhere it costs one 2-int all-reduce and a host sync."""
         b = features.shape[0]
-        if _world() == 1 or b in self.checked_batches:
+        if _world() == 1 or collectives.gather_checks_sizes(features):
             return
         sizes = torch.tensor([b, -b], device=features.device)
         dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
         if sizes[0].item() != b or -sizes[1].item() != b:
-            raise ValueError(f"the tiled loss needs equal local batches on all ranks; this rank has {b}, "
-                             f"others up to {sizes[0].item()} (use drop_last batches)")
-        self.checked_batches.add(b)
+            raise unequal_batches(b, [b, int(sizes[0]), int(-sizes[1])])
 
 
 def build_loss(cfg: LossConfig) -> nn.Module:
