@@ -53,7 +53,7 @@ def test_bad_rows_are_replaced_and_counted_across_workers(tmp_path):
     captions = [text(t) for _, tokens in batches for t in tokens]
     # 1 -> 2; 3 -> (4 has no caption) -> 5; 4 -> 5; 6 -> wraps to 0
     assert captions == ["zero", "two", "two", "five", "five", "five", "zero"]
-    assert ds.skipped() == {"missing_image": 1, "empty_image": 1, "bad_image": 1, "no_caption": 2}
+    assert ds.skipped() == {"missing_image": 1, "empty_image": 1, "bad_image": 1, "no_caption": 2, "too_large": 0}
 
 
 def test_csv_errors_name_the_problem(tmp_path):

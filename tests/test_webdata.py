@@ -87,9 +87,50 @@ def test_corrupt_jpeg_and_empty_caption_are_skipped_and_counted(tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="dsclip.data.shards"):
         ids = ids_of(dl)
     assert sorted(ids) == [0, 1, 3, 4, 6, 7, 8, 9]
-    assert dl.skipped() == {"bad_image": 1, "empty_image": 0, "no_image": 0, "no_caption": 1, "bad_shard": 0}
+    assert dl.skipped() == {"bad_image": 1, "empty_image": 0, "no_image": 0, "no_caption": 1, "bad_shard": 0,
+                            "too_large": 0}
     warnings = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert warnings == ["rank 0 epoch 0: skipped 2 unusable samples (bad_image=1, no_caption=1)"]
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header declares width x height pixels (a decompression bomb's header)."""
+    import io
+    import struct
+    import zlib
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[12:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(header))
+    return bytes(data)
+
+
+def test_a_decompression_bomb_and_an_oversized_member_are_skipped_unread_and_counted(tmp_path):
+    bad = {2: {"jpg": png_declaring(20_000, 20_000)}, 3: {"jpg": png_declaring(10_000, 10_000)},  # PIL: error, warning
+           5: {"jpg": jpeg(5) + b"\0" * 3000}}
+    urls = write_shards(tmp_path / "d", n_shards=1, per_shard=11, bad=bad)  # 8 usable: 2 batches, as planned
+    dl = loader(WebDataConfig(urls=[urls], shuffle_buffer=0, max_member_mb=2500 / 2**20), num_workers=0)
+    assert sorted(ids_of(dl)) == [0, 1, 4, 6, 7, 8, 9, 10]
+    assert dl.skipped()["too_large"] == 3
+
+
+def test_a_pipe_shard_that_fails_once_is_read_again_and_gives_each_sample_once(tmp_path, caplog):
+    write_shards(tmp_path / "d", n_shards=1, per_shard=8)
+    shard, flag = tmp_path / "d" / "00000.tar", tmp_path / "failed-once"
+    command = f"pipe:bash -c 'if [ -e {flag} ]; then cat {shard}; else touch {flag}; exit 3; fi'"
+    dl = loader(WebDataConfig(urls=[command], train_num_samples=8, shuffle_buffer=0), num_workers=0)
+    with caplog.at_level(logging.WARNING, logger="dsclip.data.shards"):
+        assert sorted(ids_of(dl)) == list(range(8))
+    assert any("reading it again in 1 s (retry 1 of 3)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_pipe_shard_that_keeps_failing_names_the_shard_after_the_retries(tmp_path, monkeypatch):
+    monkeypatch.setattr("dsclip.data.shards.RETRY_BASE_S", 0.01)
+    dl = loader(WebDataConfig(urls=["pipe:exit 7"], train_num_samples=8, shard_retries=2), num_workers=0)
+    with pytest.raises(OSError, match=r"pipe:exit 7.*after 3 attempts; data.webdataset.shard_retries=2"):
+        list(dl)
 
 
 def test_empty_image_file_and_empty_shard_are_skipped(tmp_path):
@@ -99,7 +140,8 @@ def test_empty_image_file_and_empty_shard_are_skipped(tmp_path):
     dl = loader(WebDataConfig(urls=[urls], train_num_samples=8), batch_size=1, train=False)
     # 7 good samples, topped up to the planned 8 batches by a second pass that stops after sample 0
     assert ids_of(dl) == [0, 1, 2, 4, 5, 6, 7, 0]
-    assert dl.skipped() == {"bad_image": 0, "empty_image": 1, "no_image": 0, "no_caption": 0, "bad_shard": 1}
+    assert dl.skipped() == {"bad_image": 0, "empty_image": 1, "no_image": 0, "no_caption": 0, "bad_shard": 1,
+                            "too_large": 0}
 
 
 def test_rank_short_of_batches_tops_up_to_the_planned_steps(tmp_path, caplog):

@@ -30,6 +30,8 @@ class WebDataConfig:
     image_key: str = "jpg;jpeg;png;webp"  # sample extensions tried in order for the image
     caption_key: str = "txt;text;caption"  # sample extensions tried in order for the caption
     timeout_s: float = 300.0  # a worker that delivers no batch for this long fails the run (workers > 0)
+    shard_retries: int = 3  # a shard that fails to open or read (e.g. a pipe: command) is read again this often, after 1, 2, 4 ... s
+    max_member_mb: float = 256.0  # a tar member larger than this is skipped unread (counted as too_large)
 
     def validate(self) -> None:
         if not self.urls:
@@ -44,6 +46,8 @@ class WebDataConfig:
             raise ValueError("data.webdataset.train_num_samples must be > 0 when resampled=true (it sets the epoch length)")
         if self.shuffle_buffer < 0 or self.timeout_s <= 0:
             raise ValueError("data.webdataset.shuffle_buffer must be >= 0 and timeout_s > 0")
+        if self.shard_retries < 0 or self.max_member_mb <= 0:
+            raise ValueError("data.webdataset.shard_retries must be >= 0 and max_member_mb > 0")
 
 
 @dataclass

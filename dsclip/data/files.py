@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from dsclip.data.config import CsvConfig, FolderConfig
+from dsclip.data.images import ImageTooLarge, open_image
 
 log = logging.getLogger(__name__)
 
-SKIP_KINDS = ("missing_image", "empty_image", "bad_image", "no_caption")
+SKIP_KINDS = ("missing_image", "empty_image", "bad_image", "no_caption", "too_large")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Consecutive unusable samples after which __getitem__ gives up: the data set is broken, not noisy.
 MAX_REPLACEMENTS = 100
@@ -52,8 +52,11 @@ def _load_image(path: str, transform: Callable) -> tuple[Optional[torch.Tensor],
     if os.path.getsize(path) == 0:
         return None, "empty_image"
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             return transform(img.convert("RGB")), None
+    except ImageTooLarge as exn:
+        log.debug("image %s too large: %s", path, exn)
+        return None, "too_large"
     except Exception as exn:  # any decoder or transform failure is a bad sample, never a stopped run
         log.debug("bad image %s: %r", path, exn)
         return None, "bad_image"

@@ -22,27 +22,57 @@ import json
 import logging
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 import webdataset as wds
 from webdataset.gopen import gopen
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dsclip.data.config import WebDataConfig
+from dsclip.data.images import ImageTooLarge, open_image
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"  # per-shard sample counts and class names, written by make-shards
-SKIP_KINDS = ("bad_image", "empty_image", "no_image", "no_caption", "bad_shard")
+SKIP_KINDS = ("bad_image", "empty_image", "no_image", "no_caption", "bad_shard", "too_large")
 # Consecutive unusable samples after which a worker gives up instead of spinning forever on a broken source.
 MAX_CONSECUTIVE_BAD = 1000
 
 
+RETRY_BASE_S = 1.0  # first wait before a failed shard is read again; doubled on each further failure
+
+
 class DataStallError(RuntimeError):
     """No batch arrived from the loader workers within the timeout."""
+
+
+class TooLargeMember:
+    """Stands in for the data of a tar member above data.webdataset.max_member_mb (never read)."""
+
+
+def tar_members(stream: Any, url: str, max_bytes: int) -> Iterator[dict[str, Any]]:
+    """{"fname", "data", "__url__"} of each regular member, as webdataset's tar_file_iterator gives
+    them to group_by_keys, except that a member above `max_bytes` is skipped unread (tarfile's
+    stream mode reads past it in blocks): webdataset reads every member whole into memory, so one
+    hostile member of any size would take a worker's memory."""
+    import tarfile
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if not info.isreg() or info.name.startswith("__"):
+                continue
+            data = TooLargeMember() if info.size > max_bytes else tar.extractfile(info).read()
+            yield {"fname": info.name, "data": data, "__url__": url}
+
+
+def _guarded(members: Iterator[dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """`members` until a damaged tar raises (tarfile / zlib errors): handed to `handler`, the shard ends there."""
+    try:
+        yield from members
+    except Exception as exn:  # tarfile.ReadError, zlib.error, EOFError: a corrupt archive is bad data, not a stopped run
+        handler(exn)
 
 
 def expand_urls(pattern: str) -> list[str]:
@@ -189,8 +219,28 @@ class _ShardStream(IterableDataset):
         self.caption_keys = cfg.caption_key.split(";")
 
     def _shard_samples(self, url: str, counts: dict[str, int]) -> Iterator[dict[str, Any]]:
-        """Samples of one shard; a corrupt or empty tar ends the shard early (counted), a missing file or a failed
-        pipe: command is a clear error, since it is a configuration problem rather than bad data."""
+        """Samples of one shard. A shard that cannot be opened or read (a failed pipe: command, a storage
+        hiccup) is read again up to data.webdataset.shard_retries times with doubling waits, skipping the
+        samples it already gave; then it is a clear error naming the shard."""
+        given = 0
+        for attempt in range(self.cfg.shard_retries + 1):
+            try:
+                for i, sample in enumerate(self._read_shard(url, counts)):
+                    if i >= given:
+                        given += 1
+                        yield sample
+                return
+            except OSError as exn:
+                if attempt == self.cfg.shard_retries:
+                    raise OSError(f"{exn} (after {attempt + 1} attempts; data.webdataset.shard_retries="
+                                  f"{self.cfg.shard_retries})") from None
+                wait = RETRY_BASE_S * 2 ** attempt
+                log.warning("rank %d: %s; reading it again in %.0f s (retry %d of %d)", self.rank, exn, wait,
+                            attempt + 1, self.cfg.shard_retries)
+                time.sleep(wait)
+
+    def _read_shard(self, url: str, counts: dict[str, int]) -> Iterator[dict[str, Any]]:
+        """One read of a shard; a corrupt or empty tar ends the shard early (counted)."""
         errors: list[Exception] = []
 
         def handler(exn: Exception) -> bool:
@@ -201,8 +251,8 @@ class _ShardStream(IterableDataset):
             stream = gopen(url)
         except OSError as exn:
             raise OSError(f"cannot open webdataset shard {url}: {exn}") from exn
-        files = wds.tariterators.tar_file_expander(iter([{"url": url, "stream": stream}]), handler=handler)
-        yield from wds.tariterators.group_by_keys(files, handler=handler)
+        members = tar_members(stream, url, int(self.cfg.max_member_mb * 2**20))
+        yield from wds.tariterators.group_by_keys(_guarded(members, handler), handler=handler)
         try:
             stream.close()  # a pipe: reports its command's exit status here
         except OSError as exn:
@@ -242,6 +292,8 @@ class _ShardStream(IterableDataset):
         data = _first(sample, self.image_keys)
         if data is None:
             return None, "no_image"
+        if isinstance(data, TooLargeMember):
+            return None, "too_large"
         if len(data) == 0:
             return None, "empty_image"
         text = _first(sample, self.caption_keys)
@@ -249,9 +301,11 @@ class _ShardStream(IterableDataset):
         if not caption:
             return None, "no_caption"
         try:
-            with Image.open(io.BytesIO(data)) as img, torch.random.fork_rng(devices=[]):
+            with open_image(io.BytesIO(data)) as img, torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 image = self.transform(img.convert("RGB"))
+        except ImageTooLarge:
+            return None, "too_large"
         except Exception as exn:  # any decoder or transform failure is a bad sample, never a stopped run
             log.debug("bad image %s in %s: %r", sample.get("__key__"), sample.get("__url__"), exn)
             return None, "bad_image"
