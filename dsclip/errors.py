@@ -9,6 +9,11 @@ class UserError(ValueError):
     """Bad input: a recipe, a flag, a file. The message says where and how to fix it."""
 
 
+class RankError(UserError):
+    """An error of one rank's own (its data, its peers, its disk): every rank prints its own line,
+    where the errors every rank shares (a recipe, a file) are printed by rank 0 only."""
+
+
 class ConfigError(UserError):
     """A recipe or override the user must fix; the message says where and how."""
 
@@ -29,8 +34,20 @@ class WiseFtError(PretrainedError):
     """The two weight sources cannot be mixed (different architectures)."""
 
 
-class UnequalBatchError(UserError):
+class UnequalBatchError(RankError):
     """Ranks hold batches of different sizes at one step: the contrastive gather needs them equal."""
+
+
+class DataStallError(RankError):
+    """No batch arrived from the data loader workers within the timeout."""
+
+
+class CollectiveError(RankError):
+    """A collective failed or timed out: another rank died or hangs. The message names the step."""
+
+
+class CheckpointSaveError(CheckpointError, RankError):
+    """This rank could not write its part of a checkpoint (a full disk, a lost mount)."""
 
 
 class LossKernelError(UserError):

@@ -11,7 +11,7 @@ import psutil
 import pytest
 import torch
 
-from dsclip.model.run_folder import complete_steps, is_complete, read_pointer
+from dsclip.model.run_folder import is_complete, read_pointer, tag_step
 from dsclip_testutils import ds_config, launch, read_metrics
 from test_checkpoint import RUN, losses_by_step, start_launcher, wait_for
 
@@ -199,4 +199,5 @@ def crash_mid_save(out, tmp_path) -> tuple[int, int] | None:
             return None  # rank 1 got past its train state before the kill
         proc.communicate(timeout=120)  # launch.py sees rank 1's -9 and terminates rank 0
         assert proc.returncode != 0
-    return caught, max(s for s in complete_steps(checkpoints) if s < caught)
+    complete = [tag_step(f.name) for f in checkpoints.glob("step-*") if is_complete(f)]
+    return caught, max(s for s in complete if s < caught)

@@ -7,19 +7,23 @@ import torch
 
 from dsclip.config import load_config
 from dsclip.training.ds_config import load_ds_config
-from dsclip_testutils import ds_config, init_single_rank, make_trainer
+from dsclip_testutils import REPO, ds_config, init_single_rank, make_trainer
 
 LN_100_FLOAT32 = float(torch.tensor(math.log(100.0)))  # where pretrained CLIPs sit: exp() is 100.0000076
 
 
-def logit_scales(tmp_path, stage: int, init: float, steps: int) -> tuple[list[float], float]:
+CONFIGS = {"zero2": lambda tmp: ds_config(2, tmp), "zero3": lambda tmp: ds_config(3, tmp),  # all partitioned
+           "zero3-shipped": lambda tmp: REPO / "ds_configs" / "zero3.json"}  # the scale stays gathered (persistent)
+
+
+def logit_scales(tmp_path, config: str, init: float, steps: int) -> tuple[list[float], float]:
     """exp(logit_scale) each step's forward saw, and the fp32 master value at the end."""
     from deepspeed.utils import safe_get_full_fp32_param
     init_single_rank()
     cfg = load_config(None, [f"train.max_steps={steps}", "optim.warmup_steps=1", "data.batch_size=16",
                              f"model.init_logit_scale={init}", "eval.at_start=false", "eval.at_end=false",
                              "train.export=false", "train.save_every=0", f"output_dir={tmp_path}"])
-    trainer = make_trainer(cfg, load_ds_config(str(ds_config(stage, tmp_path))))
+    trainer = make_trainer(cfg, load_ds_config(str(CONFIGS[config](tmp_path))))
     seen, original = [], trainer.optimizer_step
 
     def recording_step():
@@ -33,15 +37,15 @@ def logit_scales(tmp_path, stage: int, init: float, steps: int) -> tuple[list[fl
     return seen, master.item()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_a_temperature_above_the_cap_is_clamped_after_the_first_step_in_every_copy(tmp_path, stage):
-    seen, master = logit_scales(tmp_path, stage, init=5.0, steps=3)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_a_temperature_above_the_cap_is_clamped_after_the_first_step_in_every_copy(tmp_path, config):
+    seen, master = logit_scales(tmp_path, config, init=5.0, steps=3)
     assert seen[0] == pytest.approx(math.exp(5.0), rel=1e-6)  # the forward itself does not clamp
     assert max(seen[1:]) <= 100.0 + 1e-3 and master <= math.log(100.0) + 1e-6
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_a_temperature_at_the_cap_comes_down_when_the_loss_asks(tmp_path, stage):
-    seen, _ = logit_scales(tmp_path, stage, init=LN_100_FLOAT32, steps=6)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_a_temperature_at_the_cap_comes_down_when_the_loss_asks(tmp_path, config):
+    seen, _ = logit_scales(tmp_path, config, init=LN_100_FLOAT32, steps=6)
     assert seen[0] == pytest.approx(100.0)
     assert seen[-1] < seen[0] - 0.5, seen  # with the forward clamp its gradient was exactly 0

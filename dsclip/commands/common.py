@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from dsclip.errors import UserError
+from dsclip.errors import RankError, UserError
 from dsclip.logs import LEVELS, process_rank, setup_logging
 
 DEFAULT_DS_CONFIG = "ds_configs/zero3.json"
@@ -57,12 +57,12 @@ def weight_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def guarded(args: argparse.Namespace, command: Callable[[], int]) -> int:
-    """Set up logging, then run a command; a user error becomes one line on stderr (from one
-    rank) and exit status 2."""
+    """Set up logging, then run a command; a user error becomes one line on stderr (from rank 0,
+    or from every rank for a RankError) and exit status 2."""
     setup_logging(args.log_level)
     try:
         return command()
     except (UserError, FileNotFoundError) as e:
-        if process_rank() == 0:
+        if process_rank() == 0 or isinstance(e, RankError):
             print(f"dsclip: error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ import torch
 
 from dsclip.errors import CheckpointError
 from dsclip.logs import prints_as_debug
-from dsclip.model.safe_files import check_files, weights_only_loads
+from dsclip.model.safe_files import LOAD_ERRORS, check_files, deepspeed_load_error, weights_only_loads
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,6 @@ def tag_step(tag: str) -> Optional[int]:
 
 def is_complete(folder: Path) -> bool:
     return (folder / COMPLETE).is_file()
-
-
-def complete_steps(root: Path) -> list[int]:
-    return [tag_step(f.name) for f in root.glob(f"{STEP_PREFIX}*") if tag_step(f.name) is not None and is_complete(f)]
 
 
 def read_pointer(path: Path) -> Optional[str]:
@@ -131,10 +127,8 @@ def consolidated_state_dict(root: Path, tag: str, trust: bool = False) -> dict[s
     try:
         with prints_as_debug("DeepSpeed"), weights_only_loads(trust):  # it prints what it found
             merged = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    except (ValueError, KeyError, RuntimeError, OSError) as e:  # a file the manifest did not cover, or no manifest
-        raise CheckpointError(f"DeepSpeed cannot merge {root / tag} ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else ''}): the checkpoint is damaged or "
-                              "not a dsclip ZeRO checkpoint; use an earlier step-N folder") from None
+    except LOAD_ERRORS as e:  # a file the manifest did not cover, or no manifest
+        raise deepspeed_load_error(root / tag, e) from None
     state = {}
     for name, tensor in merged.items():
         if not name.startswith(MODULE_PREFIX):

@@ -4,7 +4,6 @@ DeepSpeed classes its checkpoints hold) unless the user passes --trust-checkpoin
 carries a sha256 manifest of its folder; `check_files` verifies it before anything is loaded.
 """
 import hashlib
-import logging
 import os
 import pickle
 from contextlib import contextmanager
@@ -15,11 +14,12 @@ import torch
 
 from dsclip.errors import CheckpointError
 
-log = logging.getLogger(__name__)
-
 TRUST_HINT = "if you trust its origin, pass --trust-checkpoint (recipe: model.trust_checkpoint: true)"
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch's switch: weights_only=True whatever the caller passes
+FORCE_FULL_LOAD = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"  # its opposite; torch refuses both at once
 HASH_CHUNK = 16 << 20
+# What a failed load raises: a refused pickle, a damaged zip or pickle stream, an unreadable file.
+LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, KeyError)
 
 
 def refusal(path: Path) -> str:
@@ -28,11 +28,22 @@ def refusal(path: Path) -> str:
 
 def deepspeed_checkpoint_classes() -> list[type]:
     """The classes in DeepSpeed 0.19's ZeRO-2/3 checkpoint files besides tensors and containers:
-    an int enum, a plain record and the static loss scaler, none of which runs code on load."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    an int enum, a plain record and the loss scalers (static; dynamic under fp16), none of which
+    runs code when the unpickler restores its attributes."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
-    return [ZeroStageEnum, LossScaler, fragment_address]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first non-empty line, at most 200 characters."""
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)[:200]
+
+
+def is_refusal(error: BaseException) -> bool:
+    """Whether a load failed because the weights-only unpickler met a global it does not allow."""
+    return isinstance(error, pickle.UnpicklingError) and "GLOBAL" in str(error)
 
 
 def load_file(path: Path, trust: bool, mmap: bool = False) -> Any:
@@ -41,18 +52,22 @@ def load_file(path: Path, trust: bool, mmap: bool = False) -> Any:
     try:
         with torch.serialization.safe_globals(deepspeed_checkpoint_classes()):
             return torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e) and not trust:  # the weights-only unpickler met a global it does not allow
-            raise CheckpointError(refusal(path)) from None
-        raise CheckpointError(damaged(path, e)) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(damaged(path, e)) from None
+    except LOAD_ERRORS as e:
+        raise CheckpointError(refusal(path) if is_refusal(e) else damaged(path, e)) from None
 
 
 def damaged(path: Path, error: BaseException) -> str:
-    first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-    return (f"{path} is damaged or truncated ({first_line[:200]}): restore it, or resume from an earlier "
-            "step-N folder")
+    return f"{path} is damaged or truncated ({first_line(error)}): restore it, or resume from an earlier step-N folder"
+
+
+def deepspeed_load_error(folder: Path, error: BaseException) -> CheckpointError:
+    """The one-line error for a failed DeepSpeed load of checkpoint `folder` (files the manifest
+    did not cover, or a checkpoint without one)."""
+    if is_refusal(error):
+        return CheckpointError(f"a file of {folder} holds pickled Python objects that could run code when loaded; "
+                               f"refusing it ({TRUST_HINT})")
+    return CheckpointError(f"DeepSpeed cannot load {folder} ({type(error).__name__}: {first_line(error)}): the "
+                           "checkpoint is damaged or not a dsclip ZeRO checkpoint; use an earlier step-N folder")
 
 
 @contextmanager
@@ -63,16 +78,14 @@ def weights_only_loads(trust: bool) -> Iterator[None]:
     if trust:
         yield
         return
-    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    previous = {name: os.environ.pop(name, None) for name in (FORCE_WEIGHTS_ONLY, FORCE_FULL_LOAD)}
     os.environ[FORCE_WEIGHTS_ONLY] = "1"
     try:
         with torch.serialization.safe_globals(deepspeed_checkpoint_classes()):
             yield
     finally:
-        if previous is None:
-            del os.environ[FORCE_WEIGHTS_ONLY]
-        else:
-            os.environ[FORCE_WEIGHTS_ONLY] = previous
+        del os.environ[FORCE_WEIGHTS_ONLY]
+        os.environ.update({name: value for name, value in previous.items() if value is not None})
 
 
 def sha256_of(path: Path) -> str:
@@ -99,9 +112,12 @@ def check_files(folder: Path, manifest: dict[str, str], names: list[str], trust:
     problems = []
     for name in names:
         path = folder / name
-        if not path.is_file():
+        if Path(name).name != name or name.startswith("."):  # a crafted manifest must not reach outside the folder
+            problems.append(f"{folder / 'COMPLETE'} lists {name!r}, not a file of its folder: the checkpoint is not "
+                            "dsclip's; resume from an earlier step-N folder")
+        elif not path.is_file():
             problems.append(f"{path} is missing: the checkpoint is incomplete; resume from an earlier step-N folder")
-        elif sha256_of(path) != manifest[name]:
+        elif sha256_of(path) != str(manifest[name]):
             problems.append(f"{path} changed since it was saved (sha256 mismatch: damaged or replaced); restore it, "
                             "or resume from an earlier step-N folder")
         elif path.suffix == ".pt" and not trust:

@@ -11,6 +11,7 @@ collectives.
 import json
 import logging
 import random
+import re
 import shutil
 import time
 import uuid
@@ -22,11 +23,11 @@ import torch
 import torch.distributed as dist
 
 from dsclip.config import RunConfig, from_dict
-from dsclip.errors import CheckpointError, UserError
+from dsclip.errors import CheckpointError, CheckpointSaveError, UserError
 from dsclip.fileio import atomic_write, atomic_write_text, sync_folder
-from dsclip.model.run_folder import (BEST, COMPLETE, LATEST, STEP_PREFIX, is_complete, read_marker, read_pointer,
-                                     step_tag, tag_step)
-from dsclip.model.safe_files import TRUST_HINT, load_file, seal
+from dsclip.model.run_folder import (BEST, COMPLETE, LATEST, STEP_PREFIX, is_complete, raise_first, read_marker,
+                                     read_pointer, step_tag, tag_step)
+from dsclip.model.safe_files import TRUST_HINT, first_line, load_file, seal
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,6 +80,46 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def describe(error: BaseException) -> str:
+    """One line for an error met while handling checkpoint files."""
+    if isinstance(error, UserError):
+        return str(error)
+    if isinstance(error, OSError):
+        return f"{error.filename}: {error.strerror}" if error.filename else str(error.strerror or error)
+    return f"{type(error).__name__}: {first_line(error)}"
+
+
+def rank0_decides(decide: Callable[[], T]) -> T:
+    """`decide()` run on rank 0 and its result given to every rank; any error there is raised on
+    every rank as one CheckpointError, so no rank is left waiting at the next collective."""
+    outcome: list[Any] = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            outcome = [decide(), None]
+        except Exception as e:  # a bug too: every rank must leave, with the traceback logged here
+            if not isinstance(e, (UserError, OSError)):
+                log.exception("rank 0 failed while handling checkpoints")
+            outcome = [None, describe(e)]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise CheckpointError(outcome[1])
+    return outcome[0]
+
+
+def agree_on_problems(problems: list[str]) -> None:
+    """Every rank's problems gathered; the first is raised on every rank (none: all go on)."""
+    every: list[Optional[list[str]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, problems)
+    raise_first([problem for rank_problems in every for problem in rank_problems or []])
+
+
+def owned_by(name: str) -> int:
+    """The rank that writes a checkpoint file: DeepSpeed names its per-rank shards
+    zero_pp_rank_R_..., dsclip its train state rank-R.pt; the rest (ZeRO-1/2's model states) rank 0."""
+    match = re.match(r"(?:zero_pp_rank_|rank-)(\d+)[_.]", name)
+    return int(match.group(1)) if match else 0
+
+
 def save_sequence(folder: Path) -> int:
     """The order in which a complete checkpoint was saved (markers before 2026-12: its step)."""
     record = read_marker(folder)
@@ -95,23 +136,6 @@ class CheckpointManager:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.check_shared()
 
-    # -- collectives around rank 0's decisions ----------------------------------------------
-    def on_rank0(self, decide: Callable[[], T]) -> T:
-        """`decide()` run on rank 0 and its result given to every rank; an error there is raised on
-        every rank, so no rank is left waiting at the next collective."""
-        outcome: list[Any] = [None, None]
-        if self.rank == 0:
-            try:
-                outcome = [decide(), None]
-            except UserError as e:
-                outcome = [None, str(e)]
-            except OSError as e:
-                outcome = [None, f"{e.filename or self.root}: {e.strerror or e} (checkpoint folder {self.root})"]
-        dist.broadcast_object_list(outcome, src=0)
-        if outcome[1] is not None:
-            raise CheckpointError(outcome[1])
-        return outcome[0]
-
     def check_shared(self) -> None:
         """Every rank must see rank 0's checkpoint folder: saves are collective, and a rank that
         writes to a node-local folder of the same name makes checkpoints nobody can resume."""
@@ -121,12 +145,15 @@ class CheckpointManager:
             (self.root / f".probe-{token}").write_text(token)
             return token
 
-        token = self.on_rank0(write_probe)
+        token = rank0_decides(write_probe)
         probe = self.root / f".probe-{token}"
-        sees = probe.is_file() and probe.read_text() == token
+        try:
+            sees = probe.read_text() == token
+        except OSError:
+            sees = False
         blind = [None] * self.world_size
         dist.all_gather_object(blind, None if sees else self.rank)
-        self.on_rank0(lambda: probe.unlink())
+        rank0_decides(lambda: probe.unlink())
         missing = [r for r in blind if r is not None]
         if missing:
             raise CheckpointError(f"rank(s) {missing} cannot see the checkpoint folder {self.root} that rank 0 writes: "
@@ -135,25 +162,34 @@ class CheckpointManager:
     # -- saving -----------------------------------------------------------------------------
     def save(self, engine, train_state: dict[str, Any], metrics: Optional[dict[str, float]] = None) -> str:
         """Write step-<global step>; returns its tag. An existing complete one is left as it is."""
-        tag = step_tag(engine.global_steps)
-        if self.on_rank0(lambda: self.prepare(tag, engine)) == "complete":
+        tag, start = step_tag(engine.global_steps), time.perf_counter()
+        if rank0_decides(lambda: self.prepare(tag, engine)) == "complete":
             return tag
         folder = self.root / tag
+        failed = f"saving {folder} failed on rank {self.rank}: {{}}; {self.root / LATEST} still names the previous " \
+                 "complete checkpoint"
         try:
+            # DeepSpeed's save makes collectives of its own: a rank whose write fails there leaves at
+            # once, and the launcher stops the others (or the collective timeout does).
             engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        except OSError as e:
+            raise CheckpointSaveError(failed.format(describe(e))) from None
+        sealed, problems = {}, []
+        try:
             state = {**train_state, "rng": rng_state(), "world_size": self.world_size}
             atomic_write(rank_state_file(self.root, tag, self.rank), lambda path: torch.save(state, path))
-        except OSError as e:  # this rank exits; the launcher stops the others (or the collective timeout does)
-            where = f" ({e.filename})" if e.filename else ""
-            raise CheckpointError(f"saving {folder} failed on rank {self.rank}: {e.strerror or e}{where}; "
-                                  f"{self.root / LATEST} still names the previous complete checkpoint") from None
-        dist.barrier()  # every rank's files are written
-        names = self.on_rank0(lambda: sorted(p.name for p in folder.iterdir()
-                                             if p.is_file() and not p.name.startswith(".")))
-        parts: list[Optional[dict[str, str]]] = [None] * self.world_size
-        dist.all_gather_object(parts, seal([folder / n for n in names[self.rank::self.world_size]]))
-        manifest = {name: digest for part in parts for name, digest in (part or {}).items()}
-        self.on_rank0(lambda: self.commit(tag, engine.global_steps, manifest, metrics or {}))
+            sealed = seal(sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                                 and owned_by(p.name) == self.rank))
+        except OSError as e:
+            problems.append(failed.format(describe(e)))
+        parts: list[Optional[tuple[dict[str, str], list[str]]]] = [None] * self.world_size
+        dist.all_gather_object(parts, (sealed, problems))  # also the barrier: every rank's files are on disk
+        raise_first([problem for _, rank_problems in parts for problem in rank_problems])
+        manifest = {name: digest for part, _ in parts for name, digest in part.items()}
+        rank0_decides(lambda: self.commit(tag, engine.global_steps, manifest, metrics or {}))
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.name in manifest) if self.rank == 0 else 0
+        log.info("saved %s in %.1f s (%.2f GB; a stop signal needs that much time before SIGKILL)", tag,
+                 time.perf_counter() - start, size / 1e9)
         return tag
 
     def prepare(self, tag: str, engine) -> str:
@@ -200,10 +236,18 @@ class CheckpointManager:
                 return
         atomic_write_text(self.root / BEST, tag)
 
+    def best_tag(self) -> Optional[str]:
+        """What `best` names; None when there is none or it is not a step-N tag (warned: it restarts)."""
+        try:
+            return read_pointer(self.root / BEST)
+        except CheckpointError as e:
+            log.warning("%s; restarting the best checkpoint", e)
+            return None
+
     def best_value(self) -> Optional[float]:
         """The current best checkpoint's value of train.best_metric; None (with a warning) when
         `best` is missing, points at a folder that is gone, or was chosen by another metric or mode."""
-        best = read_pointer(self.root / BEST)
+        best = self.best_tag()
         if best is None:
             return None
         record = read_marker(self.root / best) if is_complete(self.root / best) else {}
@@ -215,16 +259,19 @@ class CheckpointManager:
             return None
         return float(value)
 
+    def step_folders(self) -> list[Path]:
+        """The step-N folders of the checkpoints folder, complete or not."""
+        return [f for f in self.root.glob(f"{STEP_PREFIX}*") if tag_step(f.name) is not None]
+
     def complete_by_sequence(self) -> list[str]:
         """Tags of the complete checkpoints, oldest save first."""
-        complete = [f for f in self.root.glob(f"{STEP_PREFIX}*") if tag_step(f.name) is not None and is_complete(f)]
-        return [f.name for f in sorted(complete, key=save_sequence)]
+        return [f.name for f in sorted((f for f in self.step_folders() if is_complete(f)), key=save_sequence)]
 
     def prune(self) -> None:
         """Keep the `keep_last` newest saves and the best; drop incomplete folders (stale: saves
         are sequential and this one just finished)."""
-        keep = set(self.complete_by_sequence()[-self.keep_last:]) | {read_pointer(self.root / BEST)}
-        for folder in self.root.glob(f"{STEP_PREFIX}*"):
+        keep = set(self.complete_by_sequence()[-self.keep_last:]) | {self.best_tag()}
+        for folder in self.step_folders():
             if folder.name not in keep:
                 shutil.rmtree(folder, ignore_errors=True)
         sync_folder(self.root)
@@ -234,24 +281,24 @@ class CheckpointManager:
         """Resuming `tag` of this folder starts a new timeline from it: checkpoints saved after it
         (and partial folders above its step) are moved into set-aside-<time>/, `latest` names it
         again, and `best` restarts if it pointed into the set-aside ones."""
-        self.on_rank0(lambda: self.set_aside_after(tag))
+        rank0_decides(lambda: self.set_aside_after(tag))
 
     def set_aside_after(self, tag: str) -> None:
         resumed_sequence, resumed_step = save_sequence(self.root / tag), tag_step(tag)
-        later = [f for f in self.root.glob(f"{STEP_PREFIX}*") if tag_step(f.name) is not None and f.name != tag
+        later = [f for f in self.step_folders() if f.name != tag
                  and (save_sequence(f) > resumed_sequence if is_complete(f) else tag_step(f.name) > resumed_step)]
-        partial = [f.name for f in self.root.glob(f"{STEP_PREFIX}*") if not is_complete(f) and f not in later]
+        partial = [f.name for f in self.step_folders() if not is_complete(f) and f not in later]
         if partial:
             log.warning("ignoring incomplete checkpoint folder(s) %s (interrupted saves; pruned at the next save)",
                         ", ".join(sorted(partial)))
         if later:
-            aside = self.root / f"{SET_ASIDE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
+            aside = self.root / f"{SET_ASIDE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
             aside.mkdir()
             for folder in later:
                 folder.rename(aside / folder.name)
             log.warning("resuming %s of a run that went on to %s: those checkpoints are moved to %s", tag,
                         ", ".join(sorted(f.name for f in later)), aside)
-            best = read_pointer(self.root / BEST)
+            best = self.best_tag()
             if best in {f.name for f in later}:
                 (self.root / BEST).unlink()
                 log.warning("best pointed at %s, now set aside; restarting the best checkpoint by %s (%s)", best,

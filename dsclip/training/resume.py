@@ -4,15 +4,14 @@ another world size), then restore the engine (model, optimizer, LR schedule, ste
 RNG and the data position."""
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import torch.distributed as dist
 
-from dsclip.config import RunConfig, flat_keys, to_dict
+from dsclip.config import RunConfig, flat_keys, recorded, redacted
 from dsclip.errors import CheckpointError
-from dsclip.model.run_folder import raise_first, resolve_checkpoint, verify_checkpoint
-from dsclip.model.safe_files import weights_only_loads
-from dsclip.training.checkpoint import read_rank_state, set_rng_state
+from dsclip.model.run_folder import resolve_checkpoint, verify_checkpoint
+from dsclip.model.safe_files import LOAD_ERRORS, deepspeed_load_error, weights_only_loads
+from dsclip.training.checkpoint import agree_on_problems, describe, rank0_decides, read_rank_state, set_rng_state
 
 # Recipe keys a resumed run may change: they do not alter what is computed.
 RESUME_MAY_CHANGE = ("name", "output_dir", "logging.", "eval.", "train.save_every", "train.keep_last",
@@ -32,25 +31,26 @@ def find_resume_point(spec: str, cfg: RunConfig, rank: int, world_size: int) -> 
     """The checkpoint `spec` names (`latest` or a folder), verified and checked to continue this
     run exactly. Call on every rank: an error is raised on all of them."""
     trust = cfg.model.trust_checkpoint
-    located = [None]
-    if rank == 0:
-        try:
-            located = [resolve_checkpoint(spec, cfg.checkpoints_dir)]
-        except CheckpointError as e:
-            located = [str(e)]
-    dist.broadcast_object_list(located, src=0)
-    if isinstance(located[0], str):
-        raise CheckpointError(located[0])
-    root, tag = located[0]
-    problems: list[list[str]] = [[] for _ in range(world_size)]
-    dist.all_gather_object(problems, verify_checkpoint(root, tag, trust, rank, world_size))
-    raise_first([p for rank_problems in problems for p in rank_problems])
-    state = read_rank_state(root, tag, rank, trust)
-    conflicts = resume_conflicts(state["config"], to_dict(cfg), state["world_size"], world_size)
-    if conflicts:
-        raise CheckpointError(f"cannot resume {root / tag}: the run differs in " + "; ".join(conflicts)
-                              + " (restore those settings, or start a new run with --pretrained)")
+    root, tag = rank0_decides(lambda: resolve_checkpoint(spec, cfg.checkpoints_dir))
+    agree_on_problems(this_ranks_problems(lambda: verify_checkpoint(root, tag, trust, rank, world_size)))
+    state: dict[str, Any] = {}
+
+    def read_and_compare() -> list[str]:
+        state.update(read_rank_state(root, tag, rank, trust))
+        conflicts = resume_conflicts(redacted(state["config"]), recorded(cfg), state["world_size"], world_size)
+        return [f"cannot resume {root / tag}: the run differs in " + "; ".join(conflicts)
+                + " (restore those settings, or start a new run with --pretrained)"] if conflicts else []
+
+    agree_on_problems(this_ranks_problems(read_and_compare))
     return ResumePoint(root, tag, state, trust)
+
+
+def this_ranks_problems(check: Callable[[], list[str]]) -> list[str]:
+    """check()'s problems, or the error it raised as one: every rank must reach the agreement."""
+    try:
+        return check()
+    except Exception as e:  # any failure here: the other ranks must not be left waiting
+        return [describe(e)]
 
 
 def resume_conflicts(saved: dict[str, Any], current: dict[str, Any], saved_world: int, world: int) -> list[str]:
@@ -72,10 +72,8 @@ def restore(engine, data, point: ResumePoint) -> int:
         with weights_only_loads(point.trust):
             load_path, _ = engine.load_checkpoint(str(point.root), tag=point.tag, load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)
-    except (KeyError, ValueError, RuntimeError, OSError) as e:  # files a manifest did not cover (older dsclip)
-        raise CheckpointError(f"DeepSpeed could not load {point.root / point.tag} ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else ''}): the checkpoint is damaged; "
-                              "resume from an earlier step-N folder") from None
+    except LOAD_ERRORS as e:  # files a manifest did not cover, or a checkpoint without one (older dsclip)
+        raise deepspeed_load_error(point.root / point.tag, e) from None
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {point.root / point.tag}")
     set_rng_state(point.state["rng"])

@@ -24,6 +24,8 @@ def clamp_logit_scale(clip: nn.Module) -> None:
         if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition and its fp32 master (maybe offloaded)
             from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
             param.ds_tensor.clamp_(0.0, MAX_LOG_SCALE)
+            if getattr(param, "ds_persist", False):  # a persistent parameter stays gathered in .data between steps
+                param.data.clamp_(0.0, MAX_LOG_SCALE)
             master = safe_get_local_fp32_param(param)
             if master is not None and master.data_ptr() != param.ds_tensor.data_ptr():
                 safe_set_local_fp32_param(param, master.clamp(0.0, MAX_LOG_SCALE))

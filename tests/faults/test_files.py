@@ -69,6 +69,25 @@ def test_a_planted_pickle_is_refused_without_trust(place, run, tmp_path, record)
     assert sentinel.exists(), trusted.stderr[-2000:]  # the payload is real: trusted, it runs
 
 
+def test_a_pickle_planted_where_no_manifest_covers_it_is_refused_by_the_loader_itself(run, tmp_path, record):
+    """A checkpoint without a manifest (COMPLETE of an older dsclip) skips the sha256 and
+    pre-load checks: DeepSpeed's own loads, forced weights-only, must refuse the payload."""
+    out = copy_run(run, tmp_path / "copy")
+    sentinel = tmp_path / "pwned"
+    for step, shard in (("step-8", "optim_states"), ("step-12", "model_states")):
+        plant(checkpoints(out) / step / f"zero_pp_rank_0_mp_rank_00_{shard}.pt", sentinel)
+        marker = checkpoints(out) / step / "COMPLETE"
+        marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "files"}))
+    for command, finished in (("resume", resume(out)),
+                              ("export", dsclip("export", str(checkpoints(out) / "step-12"), "--out",
+                                                str(tmp_path / "export")))):
+        line = finished.error_line()
+        assert finished.returncode == 2 and "holds pickled Python objects" in line and "--trust-checkpoint" in line
+        assert not sentinel.exists(), command
+    record("a pickle that creates a file, as a ZeRO shard no manifest covers", "refused without --trust-checkpoint",
+           "refused by DeepSpeed's own (forced weights-only) load; no file", seconds=finished.seconds)
+
+
 def test_a_pickled_pretrained_file_and_a_torchscript_file_are_refused(tmp_path, record):
     sentinel = tmp_path / "pwned"
     torch.save({"payload": CreatesFile(sentinel)}, tmp_path / "weights.bin")
@@ -147,15 +166,17 @@ def test_resuming_an_older_step_sets_the_later_timeline_aside(run, tmp_path, rec
 
 
 def test_a_changed_best_metric_on_resume_restarts_best_with_a_warning(tmp_path, record):
-    evals = ["--set", "eval.every_steps=2", "--set", "eval.batch_size=64", "--set", "data.synthetic.eval_samples=64",
+    evals = ["--set", "eval.batch_size=64", "--set", "data.synthetic.eval_samples=64",
              "--set", "train.best_metric=eval/synthetic/top1"]
-    first = train(tmp_path, *SAVES, *evals)
+    first = train(tmp_path, *SAVES, *evals, "--set", "eval.every_steps=8")  # one evaluation: best is step-8
     assert first.returncode == 0, first.stderr[-3000:]
     root = checkpoints(tmp_path)
-    finished = train(tmp_path, *SAVES, *evals, "--set", "train.best_mode=min", "--resume",
-                     str(root / "step-8"))
+    assert read_pointer(root / "best") == "step-8"
+    finished = train(tmp_path, *SAVES, *evals, "--set", "eval.every_steps=2", "--set", "train.best_mode=min",
+                     "--resume", str(root / "step-8"))
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert "restarting the best checkpoint by eval/synthetic/top1 (min)" in finished.stdout + finished.stderr
+    assert ("best pointed at step-8, chosen by ['eval/synthetic/top1', 'max']; restarting the best checkpoint by "
+            "eval/synthetic/top1 (min)") in finished.stdout + finished.stderr
     best = json.loads((root / read_pointer(root / "best") / "COMPLETE").read_text())
     assert best["best_by"] == ["eval/synthetic/top1", "min"]
     record("`train.best_mode` changed on resume", "`best` restarts with a warning", "warned; best re-chosen",
