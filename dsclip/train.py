@@ -33,7 +33,7 @@ def run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] = None)
     from dsclip.training.loop import StopSignals, Trainer
 
     stop = StopSignals().install()
-    start_process_group()
+    start_process_group(cfg.train.collective_timeout_s)
     trainer = Trainer(build_run(cfg, ds_config, resume), stop)
     metrics = trainer.train()
     finished = trainer.engine.global_steps >= trainer.total_steps  # not stopped by a signal

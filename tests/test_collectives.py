@@ -1,5 +1,6 @@
 """Shared-memory collectives (2 CPU ranks): same results as gloo, fallback where they cannot run."""
 import os
+import time
 
 import pytest
 import torch
@@ -97,6 +98,18 @@ def _compare(rank: int) -> dict:
         dist.reduce_scatter_tensor(gloo_mine, half_full.clone())
         comm.reduce_scatter_fn(half_mine, half_full)
         results["reduce_scatter_bf16"] = torch.equal(half_mine, gloo_mine)
+
+    # Last, since it leaves the two ranks' arrival counts apart: rank 1 never comes to a gather.
+    bounded = SharedExchange.open_on_all_ranks(total_bytes=1 << 16, timeout_s=1.0)
+    if rank == 0:
+        start = time.monotonic()
+        try:
+            bounded.all_gather(torch.empty(WORLD * 10), torch.zeros(10))
+            results["timeout"] = "no error"
+        except collectives.CollectiveTimeout as e:
+            results["timeout"] = str(e)
+        results["timeout_after_s"] = time.monotonic() - start
+    dist.barrier()  # gloo: rank 1 waits here meanwhile
     return results
 
 
@@ -118,15 +131,15 @@ def _loss_through_shared_memory(rank: int, backend) -> dict:
         (loss * (1 + rank)).backward()  # ranks weigh their losses differently
         return [loss.detach()] + [leaf.grad for leaf in leaves]
 
-    sums, kernel_sum = [], collectives._kernel_sum
-    collectives._kernel_sum = lambda t: (sums.append(t.numel()), kernel_sum(t))  # once per collective here
+    sums, arrive = [], collectives.SharedExchange.arrive
+    collectives.SharedExchange.arrive = lambda self: (sums.append(1), arrive(self))  # once per collective here
     shared = loss_and_grads()
     comm.comm.cdb = backend.backend
     try:
         gloo = loss_and_grads()
     finally:
         comm.comm.cdb = backend
-        collectives._kernel_sum = kernel_sum
+        collectives.SharedExchange.arrive = arrive
     return {"loss_collectives_on_shared_memory": len(sums),
             "loss_equals_gloo": all(torch.equal(a, b) for a, b in zip(shared, gloo))}
 
@@ -151,13 +164,20 @@ def test_results_equal_gloo_bit_for_bit(results, op):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.multiprocess
 def test_unequal_shards_raise_on_every_rank_and_the_exchange_goes_on(results):
     for rank_results in results:
         assert rank_results["unequal_shards"] == [40, 44]
         assert rank_results["all_gather_after_unequal"]
 
 
+@pytest.mark.multiprocess
+def test_a_rank_that_never_comes_ends_the_wait_after_the_timeout_naming_it(results):
+    assert "rank 0 waited 1 s in a shared-memory collective" in results[0]["timeout"]
+    assert "for rank(s) [1]" in results[0]["timeout"]
+    assert 1.0 <= results[0]["timeout_after_s"] < 5.0
+
+
+@pytest.mark.multiprocess
 def test_without_room_in_dev_shm_no_rank_uses_the_exchange(results):
     assert all(r["no_room_no_exchange_on_any_rank"] for r in results)
 

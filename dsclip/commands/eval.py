@@ -70,7 +70,7 @@ def evaluate(cfg: RunConfig, ds_config: dict, out: Optional[Path]) -> dict[str, 
     from dsclip.training.ds_config import for_run, precision
     from dsclip.training.engine import build_inference_engine
 
-    start_process_group()
+    start_process_group(cfg.train.collective_timeout_s)
     bundle = build_model(cfg.model)
     ds = for_run(ds_config, cfg, dist.get_world_size())
     engine = build_inference_engine(bundle.module, ds)

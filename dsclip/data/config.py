@@ -80,6 +80,7 @@ class DataConfig:
     kind: Literal["synthetic", "webdataset", "csv", "folder"] = "synthetic"  # synthetic | webdataset | csv | folder: where training pairs come from
     batch_size: int = 64  # micro-batch per rank
     num_workers: int = 0  # DataLoader worker processes per rank (webdataset, csv, folder)
+    worker_timeout_s: float = 300.0  # csv / folder: workers that deliver no batch for this long fail the run (webdataset: data.webdataset.timeout_s)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # kind: synthetic
     webdataset: WebDataConfig = field(default_factory=WebDataConfig)  # kind: webdataset (tar shards)
     csv: CsvConfig = field(default_factory=CsvConfig)  # kind: csv (image path + caption columns)
@@ -90,4 +91,6 @@ class DataConfig:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.worker_timeout_s <= 0:
+            raise ValueError(f"data.worker_timeout_s must be > 0 seconds, got {self.worker_timeout_s}")
         getattr(self, self.kind).validate()  # only the selected source must be complete

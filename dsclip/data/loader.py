@@ -10,6 +10,7 @@ from dsclip.data import synthetic
 from dsclip.data.config import DataConfig
 from dsclip.data.files import CsvDataset, FolderDataset
 from dsclip.data.shards import WebLoader, build_webdataset_loader
+from dsclip.errors import DataStallError
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (b, 3, h, w) float, tokens (b, context_length) long
 
@@ -116,18 +117,28 @@ class MapStyleData(IndexedEpochs):
     DataLoader workers when `num_workers` > 0."""
 
     def __init__(self, dataset: Union[CsvDataset, FolderDataset], batch_size: int, num_workers: int, rank: int,
-                 world_size: int, seed: int):
+                 world_size: int, seed: int, timeout_s: float = 0.0):
         super().__init__(EpochSampler(len(dataset), batch_size, rank, world_size, seed))
-        self.dataset = dataset
+        self.dataset, self.rank, self.timeout_s = dataset, rank, timeout_s if num_workers > 0 else 0.0
         self.samples = SeededSamples(dataset, seed)
         self.loader = DataLoader(self.samples, batch_size=batch_size, sampler=self.sampler, drop_last=True,
-                                 num_workers=num_workers)
+                                 num_workers=num_workers, timeout=self.timeout_s)
 
     def _batches(self, epoch: int) -> Iterator[Batch]:
         self.samples.epoch = epoch  # before the iterator starts: workers copy the data set then
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
-        return iter(self.loader)
+        batches = iter(self.loader)
+        while True:
+            try:
+                yield next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as exn:
+                if "timed out" not in str(exn):
+                    raise
+                raise DataStallError(f"rank {self.rank}: no batch from the data loader workers in {self.timeout_s:.0f} s "
+                                     f"(epoch {epoch}); the storage may be stuck, or raise data.worker_timeout_s") from None
 
     def skipped(self) -> dict[str, int]:
         return self.dataset.skipped()
@@ -196,4 +207,4 @@ def build_train_data(cfg: DataConfig, model: ModelInputs, rank: int, world_size:
         dataset = CsvDataset(cfg.csv, transform=model.train_transform, tokenizer=model.tokenizer)
     else:
         dataset = FolderDataset(cfg.folder, transform=model.train_transform, tokenizer=model.tokenizer)
-    return MapStyleData(dataset, cfg.batch_size, cfg.num_workers, rank, world_size, seed)
+    return MapStyleData(dataset, cfg.batch_size, cfg.num_workers, rank, world_size, seed, cfg.worker_timeout_s)

@@ -24,6 +24,7 @@ gloo unchanged. Measured here, 2 ranks, 12.6 MB fp32 (ms):
 import mmap
 import os
 import sys
+import time
 import uuid
 from typing import Any, Callable, Optional
 
@@ -34,6 +35,31 @@ import torch.distributed as dist
 # collectives run in rounds of (this / 2 / world) bytes per rank.
 EXCHANGE_BYTES = 64 << 20
 HEADER_BYTES = 64  # per region: an all-gather's shard size (int64), padded to keep the data aligned
+ARRIVAL_STRIDE = 8  # int64s between two ranks' arrival counters: one cache line each
+DEFAULT_TIMEOUT_S = 600.0  # the bound on a wait for peers; the run passes train.collective_timeout_s
+
+
+PEER_LOOK_S = 0.2  # how often a waiting rank looks whether the late ones are still alive
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (not gone, not a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: only whether the pid exists
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+
+def exchange_file_bytes(world: int, region_bytes: int) -> int:
+    """Two halves of one region per rank, then one arrival counter (cache line) per rank."""
+    return 2 * world * region_bytes + world * ARRIVAL_STRIDE * 8
 
 
 class _Done:
@@ -54,6 +80,10 @@ def _kernel_sum(tensor: torch.Tensor) -> None:
     torch.ops.deepspeed.inference_all_reduce_(tensor)
 
 
+class CollectiveTimeout(RuntimeError):
+    """A rank waited longer than the timeout for its peers to reach a shared-memory collective."""
+
+
 class UnequalShards(ValueError):
     """Ranks came to one all-gather with shards of different sizes."""
 
@@ -70,37 +100,52 @@ class SharedExchange:
     The file holds two halves, each with one region per rank; collectives alternate halves. Each
     region starts with a header where an all-gather states its shard size: every rank reads every
     rank's size after the meeting, so unequal shards (a rank with a smaller batch) raise the same
-    error on all ranks instead of gathering garbage, at no extra collective. A
-    round is: write into this rank's region, meet the other ranks (a 1-float sum through
-    DeepSpeed's kernel, which returns only once every rank has arrived), read. A rank can only
-    write a half again after the next round's meeting, which every rank reaches after it has
-    finished reading that half, so one meeting per round suffices."""
+    error on all ranks instead of gathering garbage, at no extra collective.
 
-    def __init__(self, path: str, region_bytes: int) -> None:
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+    A round is: write into this rank's region, meet the other ranks, read. A rank can only write
+    a half again after the next round's meeting, which every rank reaches after it has finished
+    reading that half, so one meeting per round suffices.
+
+    The meeting is dsclip's own barrier: a counter per rank at the end of the file, which each
+    rank raises after writing and polls until every rank's is as high. (The kernel only runs on
+    x86, whose stores become visible in program order: a rank that sees a peer's count sees the
+    data the peer wrote before it.) It replaces a 1-float sum through DeepSpeed's kernel, which
+    waits for its peers in C++ without a timeout, holding the GIL: a peer that died or hangs
+    pinned the others at 100% CPU forever, deaf to SIGTERM. A waiting rank looks every 0.2 s
+    whether the late ones are still alive, and gives up after `timeout_s`: CollectiveTimeout
+    names the ranks it waited for. The kernel's own sums (large fp32 / bf16 all-reduces) are
+    entered only after the same barrier, so only a peer that dies inside one can still stall them
+    (until the launcher ends the job)."""
+
+    def __init__(self, path: str, region_bytes: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.rank, self.world, self.timeout_s = dist.get_rank(), dist.get_world_size(), timeout_s
         self.region_bytes = region_bytes - HEADER_BYTES
         with open(path, "r+b") as f:
-            self._map = mmap.mmap(f.fileno(), 2 * self.world * region_bytes)
-        regions = torch.frombuffer(self._map, dtype=torch.uint8).view(2, self.world, region_bytes)
+            self._map = mmap.mmap(f.fileno(), exchange_file_bytes(self.world, region_bytes))
+        regions_bytes = 2 * self.world * region_bytes
+        self.arrivals = memoryview(self._map)[regions_bytes:].cast("q")  # rank r: [r * 8] its count, [r * 8 + 1] its pid
+        self.arrivals[self.rank * ARRIVAL_STRIDE + 1] = os.getpid()  # read once every rank has mapped (a barrier)
+        self.arrived = 0
+        regions = torch.frombuffer(self._map, dtype=torch.uint8, count=regions_bytes).view(2, self.world, region_bytes)
         self.headers = regions[:, :, :HEADER_BYTES].view(torch.int64)  # [half, rank, 8]
         self.halves = regions[:, :, HEADER_BYTES:]
         self.turn = 0
-        self.flag = torch.zeros(1)
 
     @classmethod
-    def open_on_all_ranks(cls, total_bytes: int = EXCHANGE_BYTES) -> Optional["SharedExchange"]:
+    def open_on_all_ranks(cls, total_bytes: int = EXCHANGE_BYTES,
+                          timeout_s: float = DEFAULT_TIMEOUT_S) -> Optional["SharedExchange"]:
         """Rank 0 creates the file, every rank maps it, the name goes; None on every rank when
         /dev/shm cannot hold it."""
         world = dist.get_world_size()
         region_bytes = total_bytes // (2 * world) // 64 * 64  # a multiple of every dtype's size
         path, ok = f"/dev/shm/dsclip_exchange_{uuid.uuid4().hex}", True
         if dist.get_rank() == 0:
-            ok = _create_file(path, 2 * world * region_bytes)
+            ok = _create_file(path, exchange_file_bytes(world, region_bytes))
         decision = [path, ok]
         dist.broadcast_object_list(decision, src=0)
         if not decision[1]:
             return None
-        exchange = cls(decision[0], region_bytes)
+        exchange = cls(decision[0], region_bytes, timeout_s)
         dist.barrier()
         if dist.get_rank() == 0:
             os.unlink(decision[0])  # the mappings outlive the name: nothing is left behind after a crash
@@ -113,14 +158,43 @@ class SharedExchange:
         return self.halves[turn], self.headers[turn]
 
     def _meet(self) -> None:
-        _kernel_sum(self.flag)
+        self.arrive()
+
+    def kernel_sum(self, tensor: torch.Tensor) -> None:
+        """DeepSpeed's shared-memory sum, entered only once every rank has arrived (see the class)."""
+        self.arrive()
+        _kernel_sum(tensor)
+
+    def arrive(self) -> None:
+        """Count this rank in and wait, at most timeout_s, until every rank has counted in as often."""
+        self.arrived += 1
+        self.arrivals[self.rank * ARRIVAL_STRIDE] = self.arrived
+        if all(self.arrivals[r * ARRIVAL_STRIDE] >= self.arrived for r in range(self.world)):
+            return
+        start = time.monotonic()
+        next_look = start + PEER_LOOK_S
+        while True:
+            late = [r for r in range(self.world) if self.arrivals[r * ARRIVAL_STRIDE] < self.arrived]
+            if not late:
+                return
+            now = time.monotonic()
+            if now > next_look:  # a peer that died will never come: no need to wait out the timeout
+                gone = [r for r in late if not _alive(self.arrivals[r * ARRIVAL_STRIDE + 1])]
+                if gone:
+                    raise CollectiveTimeout(f"rank {self.rank} waited in a shared-memory collective (number "
+                                            f"{self.arrived}) for rank(s) {gone}, whose process is gone")
+                next_look = now + PEER_LOOK_S
+            if now - start > self.timeout_s:
+                raise CollectiveTimeout(f"rank {self.rank} waited {self.timeout_s:.0f} s in a shared-memory collective "
+                                        f"(number {self.arrived}) for rank(s) {late}, which hang")
+            os.sched_yield()
 
     def all_gather(self, output: torch.Tensor, shard: torch.Tensor) -> None:
         """output (world x shard, rank-major) = every rank's shard; both contiguous, one dtype."""
         mine = shard.reshape(-1).view(torch.uint8)
         out = output.reshape(self.world, -1).view(torch.uint8)
         n = mine.numel()
-        for start in range(0, n, self.region_bytes):
+        for start in range(0, max(n, 1), self.region_bytes):  # an empty shard still meets (and is compared)
             size = min(self.region_bytes, n - start)
             half, headers = self._next_half()
             half[self.rank, :size].copy_(mine[start:start + size])
@@ -207,7 +281,10 @@ class SharedMemoryCollectives:
         op = self.backend._reduce_op(op)
         if self._local(group, tensor):
             if op == dist.ReduceOp.SUM and tensor.dtype in self.dtypes:
-                _kernel_sum(tensor)
+                if self.exchange is None:  # no room in /dev/shm for the exchange: the kernel's wait is unbounded
+                    _kernel_sum(tensor)
+                else:
+                    self.exchange.kernel_sum(tensor)
                 return _handle(async_op)
             if self.exchange and self.exchange.can_reduce(tensor, op):  # e.g. ZeRO's fp64 gradient norm
                 self.exchange.all_reduce(tensor, op)
@@ -285,9 +362,10 @@ def shared_memory_dtypes() -> frozenset[torch.dtype]:
     return frozenset({torch.float32} | ({torch.bfloat16, torch.float16} if level >= 2 else set()))
 
 
-def use_shared_memory() -> bool:
+def use_shared_memory(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """Route DeepSpeed's CPU collectives through its shared-memory all-reduce where it can run;
-    call once after deepspeed.init_distributed on every rank. Returns whether it is in use."""
+    call once after deepspeed.init_distributed on every rank; a wait for peers ends after
+    `timeout_s`. Returns whether it is in use."""
     from deepspeed import comm
 
     backend = comm.comm.cdb
@@ -295,5 +373,5 @@ def use_shared_memory() -> bool:
         return isinstance(backend, SharedMemoryCollectives)
     dtypes = shared_memory_dtypes()  # the same on every rank: one host, one build
     if dtypes:
-        comm.comm.cdb = SharedMemoryCollectives(backend, dtypes, SharedExchange.open_on_all_ranks())
+        comm.comm.cdb = SharedMemoryCollectives(backend, dtypes, SharedExchange.open_on_all_ranks(timeout_s=timeout_s))
     return bool(dtypes)

@@ -197,14 +197,14 @@ class TiledContrastiveLoss(nn.Module):
         b = image_features.shape[0]
         if text_features.shape[0] != b:
             raise ValueError(f"image and text features need the same batch; got {b} and {text_features.shape[0]}")
-        if b == 0:
-            raise ValueError("empty batch: the contrastive loss needs at least one image-text pair per rank")
         self._check_equal_batches(image_features)
         ops = self._ops(image_features)
         if not self._uses_triton(image_features):  # the twin computes in fp32: gather fp32, as the reference does
             image_features, text_features = image_features.float(), text_features.float()
         # the Triton kernels take the training dtype (tensor cores under bf16 / fp16) and accumulate in fp32
-        texts = gather_with_grad(text_features)
+        texts = gather_with_grad(text_features)  # with the batch check: an empty rank fails on every rank
+        if b == 0:
+            raise ValueError("empty batch: the contrastive loss needs at least one image-text pair per rank")
         offset = rank_offset(b)
         if self.kind == "clip":  # a logit bias shifts every logit alike: softmax ignores it
             return _TiledClipLoss.apply(image_features, texts, logit_scale, ops, offset)

@@ -10,14 +10,17 @@ import os
 import socket
 import sys
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
+from dsclip.errors import UserError
 from dsclip.logs import debug_enabled, prints_as_debug
 from dsclip.loss.collectives import use_shared_memory
+from dsclip.training.config import DEFAULT_COLLECTIVE_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,23 @@ def single_process_defaults() -> None:
         return
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+
+
+def load_secrets() -> None:
+    """Variables launch/multinode.sh kept off the launcher's command line (tokens, keys): read
+    from the file DSCLIP_SECRETS_FILE names, one KEY=VALUE per line; set ones are left alone."""
+    path = os.environ.get("DSCLIP_SECRETS_FILE")
+    if not path:
+        return
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise UserError(f"DSCLIP_SECRETS_FILE={path} cannot be read ({e.strerror}): launch/multinode.sh writes it in "
+                        "the working directory, which every node must share") from None
+    for line in lines:
+        name, sep, value = line.partition("=")
+        if sep:
+            os.environ.setdefault(name, value)
 
 
 def local_ranks() -> int:
@@ -77,10 +97,11 @@ def keep_freed_host_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
-def init_distributed() -> None:
+def init_distributed(collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> None:
     """DeepSpeed's process group, the shared-memory names of its CPU all-reduce released; on CPU,
     glibc keeps freed host memory for reuse, and the collectives run on shared memory when all
-    ranks are on one host."""
+    ranks are on one host. Every collective wait ends after `collective_timeout_s` (the process
+    group's timeout, and the shared-memory exchange's bound)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     from deepspeed.utils import set_log_level_from_string
@@ -90,7 +111,7 @@ def init_distributed() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extension_cache()))  # a user's own choice stays
     on_cpu = get_accelerator().device_name() == "cpu"
     with prints_as_debug("DeepSpeed"), _shared_memory_kernel(built=not on_cpu or shared_memory_wanted()):
-        deepspeed.init_distributed(verbose=False)  # it prints a line per rank when it builds the kernel
+        deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=collective_timeout_s))  # prints per rank
     dist.barrier()  # every local rank has mapped every peer's buffer
     # DeepSpeed never unlinks these /dev/shm files (~69 MB per rank): each run would leak them.
     # The mappings stay valid after the names go.
@@ -99,7 +120,7 @@ def init_distributed() -> None:
     if on_cpu:
         keep_freed_host_memory()
         if shared_memory_wanted():
-            use_shared_memory()
+            use_shared_memory(collective_timeout_s)
 
 
 def shared_memory_wanted() -> bool:
@@ -138,10 +159,11 @@ def _shared_memory_kernel(built: bool) -> Iterator[None]:
         torch_backend.build_shm_op = build
 
 
-def start_process_group() -> None:
+def start_process_group(collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> None:
     """Everything a process needs before it builds a model: the one start-up sequence."""
     quiet_libraries()
+    load_secrets()
     single_process_defaults()
     configure_threads()
-    init_distributed()
+    init_distributed(collective_timeout_s)
     log.debug("rank %d of %d, %d threads", dist.get_rank(), dist.get_world_size(), torch.get_num_threads())

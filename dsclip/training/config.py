@@ -4,6 +4,8 @@ from typing import Literal, Optional
 
 from dsclip.errors import ConfigError
 
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+
 
 @dataclass
 class LayerDecayConfig:
@@ -71,6 +73,7 @@ class TrainConfig:
     best_metric: Optional[str] = None  # keep the checkpoint with the best value of this eval metric, e.g. eval/synthetic/top1
     best_mode: Literal["max", "min"] = "max"  # whether a larger or smaller best_metric is better
     export: bool = True  # write open_clip-loadable weights to <run>/export at the end
+    collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S  # a rank that waits this long in a collective (a peer died or hangs) exits non-zero
 
     def validate(self) -> None:
         if self.epochs < 1 and self.max_steps < 1:
@@ -78,7 +81,9 @@ class TrainConfig:
         if self.grad_accum_steps < 1:
             raise ConfigError(f"train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         if self.keep_last < 2:
-            raise ConfigError(f"train.keep_last must be >= 2 (with 1, no complete checkpoint would remain while the "
-                              f"next one is written), got {self.keep_last}")
+            raise ConfigError(f"train.keep_last must be >= 2 (with 1, a newest checkpoint found damaged on resume "
+                              f"leaves nothing to fall back on), got {self.keep_last}")
+        if self.collective_timeout_s <= 0:
+            raise ConfigError(f"train.collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}")
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")

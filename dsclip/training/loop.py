@@ -2,6 +2,7 @@
 a clean stop on a preemption signal; at the end the final evaluation, save, export and report.
 Building what it runs is training/components.py."""
 import logging
+import re
 import signal
 import time
 from collections import Counter
@@ -11,17 +12,35 @@ import torch
 import torch.distributed as dist
 
 from dsclip import metric_keys as keys
-from dsclip.config import to_dict
+from dsclip.config import recorded
+from dsclip.errors import CollectiveError
+from dsclip.loss.collectives import CollectiveTimeout
 from dsclip.eval.forgetting import forgetting_report
 from dsclip.eval.tasks import EvaluationStopped, run_evals
 from dsclip.training import memory
 from dsclip.training.components import RunParts
+from dsclip.training.checkpoint import rank0_decides
 from dsclip.training.export import export_checkpoint
 from dsclip.training.grad_cache import TrainableTowers, cached_step
 from dsclip.training.temperature import clamp_logit_scale
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption, SLURM's warning before the time limit
+
+
+PEER_FAILURES = ("Connection reset by peer", "Connection closed by peer", "Timed out waiting", "NCCL")
+
+
+def is_peer_failure(error: RuntimeError) -> bool:
+    """A collective that failed because another rank died or hangs (not a bug in this rank)."""
+    return (isinstance(error, (CollectiveTimeout, dist.DistError))
+            or any(marker in str(error) for marker in PEER_FAILURES))
+
+
+def peer_failure(error: RuntimeError) -> str:
+    """The backend's message in one line, without gloo's source location and advice."""
+    line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\] ", "", line).split(". ")[0]
 
 
 class StopSignals:
@@ -56,7 +75,17 @@ class Trainer:
         return self.parts.total_steps
 
     def train(self) -> dict[str, float]:
-        """Train to `total_steps` (or a stop signal); returns the last evaluation's metrics."""
+        """Train to `total_steps` (or a stop signal); returns the last evaluation's metrics. A
+        collective that fails or times out (a peer died or hangs) ends this rank with one line."""
+        try:
+            return self._train()
+        except RuntimeError as e:
+            if not is_peer_failure(e):
+                raise
+            raise CollectiveError(f"rank {dist.get_rank()} at step {self.engine.global_steps + 1}: {peer_failure(e)}; "
+                                  "the run stops here: resume with --resume latest") from None
+
+    def _train(self) -> dict[str, float]:
         # Every module in training mode from the first step, as open_clip's loop does: a Hugging Face
         # text tower comes out of from_pretrained in eval mode (no dropout) and only an evaluation's
         # model.train(True) switched it on, so its dropout depended on whether eval.at_start ran.
@@ -75,10 +104,7 @@ class Trainer:
                 metrics = self.evaluate(stoppable=True)
                 stopping = metrics is None
             if stopping:
-                self.save({})
-                log.info("stop signal: saved step %d; resume with --resume latest", step)
-                self.parts.tracker.close()
-                return {}
+                return self.stopped()
             if self.save_due(step):
                 self.save(metrics)
         return self.finish(before)
@@ -164,12 +190,14 @@ class Trainer:
         return metrics
 
     def save(self, metrics: dict[str, float]) -> str:
-        state = {"epoch": self.epoch, "data": self.data.state_dict(), "config": to_dict(self.cfg)}
+        state = {"epoch": self.epoch, "data": self.data.state_dict(), "config": recorded(self.cfg)}
         return self.parts.checkpoints.save(self.engine, state, metrics)
 
     def finish(self, before: dict[str, float]) -> dict[str, float]:
         """The last evaluation, checkpoint and export, the before/after report, the sinks closed."""
-        after = self.evaluate() if self.cfg.eval.at_end else {}
+        after = self.evaluate(stoppable=True) if self.cfg.eval.at_end else {}
+        if after is None:  # a stop signal during the final evaluation: the save comes first
+            return self.stopped()
         tag = self.save(after)
         if self.cfg.train.export:
             self.export(tag)
@@ -177,11 +205,18 @@ class Trainer:
         self.parts.tracker.close()
         return after
 
+    def stopped(self) -> dict[str, float]:
+        """A stop signal agreed: save this step and end (no evaluation, no export)."""
+        self.save({})
+        log.info("stop signal: saved step %d; resume with --resume latest", self.engine.global_steps)
+        self.parts.tracker.close()
+        return {}
+
     def export(self, tag: str) -> None:
-        if self.is_main:
-            weights = export_checkpoint(self.parts.checkpoints.root, tag, self.cfg.model, self.cfg.export_dir)
-            log.info("exported open_clip weights to %s", weights)
-        dist.barrier()
+        """Rank 0 writes the export; a failure there is raised on every rank."""
+        weights = rank0_decides(lambda: export_checkpoint(self.parts.checkpoints.root, tag, self.cfg.model,
+                                                          self.cfg.export_dir))
+        log.info("exported open_clip weights to %s", weights)
 
     # -- preemption -------------------------------------------------------------------------
     def stop_agreed(self) -> bool:
