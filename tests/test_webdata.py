@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from dsclip.data.config import WebDataConfig
-from dsclip.data.shards import DataStallError, build_webdataset_loader
+from dsclip.data.shards import build_webdataset_loader
+from dsclip.errors import DataStallError
 from generated_data import jpeg, write_shards
 
 
@@ -124,6 +125,16 @@ def test_a_pipe_shard_that_fails_once_is_read_again_and_gives_each_sample_once(t
     with caplog.at_level(logging.WARNING, logger="dsclip.data.shards"):
         assert sorted(ids_of(dl)) == list(range(8))
     assert any("reading it again in 1 s (retry 1 of 3)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_pipe_shard_cut_off_mid_sample_is_read_again_without_losing_or_repeating_a_sample(tmp_path):
+    write_shards(tmp_path / "d", n_shards=1, per_shard=8)
+    shard, flag = tmp_path / "d" / "00000.tar", tmp_path / "failed-once"
+    cut = shard.stat().st_size // 2 + 100  # inside a sample's members: the first read ends with half a sample
+    command = (f"pipe:bash -c 'if [ -e {flag} ]; then cat {shard}; else touch {flag}; head -c {cut} {shard}; "
+               "exit 3; fi'")
+    dl = loader(WebDataConfig(urls=[command], train_num_samples=8, shuffle_buffer=0), batch_size=1, num_workers=0)
+    assert sorted(ids_of(dl)) == list(range(8)) and not any(dl.skipped().values())
 
 
 def test_a_pipe_shard_that_keeps_failing_names_the_shard_after_the_retries(tmp_path, monkeypatch):

@@ -17,11 +17,13 @@ next batch is the one the interrupted run would have produced. Exact in resample
 until the first worker of the rank runs out of shards; after that the rest of the epoch is the same set of batches,
 possibly in another order.
 """
+import gzip
 import io
 import json
 import logging
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
@@ -32,6 +34,7 @@ from webdataset.gopen import gopen
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dsclip.data.config import WebDataConfig
+from dsclip.errors import DataStallError
 from dsclip.data.images import ImageTooLarge, open_image
 
 log = logging.getLogger(__name__)
@@ -43,10 +46,6 @@ MAX_CONSECUTIVE_BAD = 1000
 
 
 RETRY_BASE_S = 1.0  # first wait before a failed shard is read again; doubled on each further failure
-
-
-class DataStallError(RuntimeError):
-    """No batch arrived from the loader workers within the timeout."""
 
 
 class TooLargeMember:
@@ -61,16 +60,21 @@ def tar_members(stream: Any, url: str, max_bytes: int) -> Iterator[dict[str, Any
     import tarfile
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
         for info in tar:
-            if not info.isreg() or info.name.startswith("__"):
+            if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):  # webdataset's metadata members
                 continue
             data = TooLargeMember() if info.size > max_bytes else tar.extractfile(info).read()
             yield {"fname": info.name, "data": data, "__url__": url}
 
 
 def _guarded(members: Iterator[dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
-    """`members` until a damaged tar raises (tarfile / zlib errors): handed to `handler`, the shard ends there."""
+    """`members` until a damaged tar raises: handed to `handler`, the shard ends there. A read that
+    fails (OSError: storage, network) is not the data's fault and goes up, to be retried."""
     try:
         yield from members
+    except OSError as exn:
+        if not isinstance(exn, gzip.BadGzipFile):
+            raise
+        handler(exn)
     except Exception as exn:  # tarfile.ReadError, zlib.error, EOFError: a corrupt archive is bad data, not a stopped run
         handler(exn)
 
@@ -252,14 +256,26 @@ class _ShardStream(IterableDataset):
         except OSError as exn:
             raise OSError(f"cannot open webdataset shard {url}: {exn}") from exn
         members = tar_members(stream, url, int(self.cfg.max_member_mb * 2**20))
-        yield from wds.tariterators.group_by_keys(_guarded(members, handler), handler=handler)
+        # Each sample goes out only once the next one has begun: the last may be cut short by a
+        # failing read, which shows only at close (a pipe's exit status), and then comes again
+        # whole from the retry.
+        held = None
+        try:
+            for sample in wds.tariterators.group_by_keys(_guarded(members, handler), handler=handler):
+                if held is not None:
+                    yield held
+                held = sample
+        except OSError as exn:
+            raise OSError(f"cannot read webdataset shard {url}: {exn}") from exn
         try:
             stream.close()  # a pipe: reports its command's exit status here
         except OSError as exn:
             raise OSError(f"cannot read webdataset shard {url}: {exn.args[0] if exn.args else exn}") from exn
-        if errors:
+        if errors:  # a damaged archive: its last sample may be partial
             counts["bad_shard"] += 1
             log.debug("skipped rest of shard %s: %r", url, errors[0])
+        elif held is not None:
+            yield held
 
     def _raw(self, role: int, rng: random.Random, counts: dict[str, int]) -> Iterator[dict[str, Any]]:
         if not self.cfg.resampled:
