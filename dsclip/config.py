@@ -231,8 +231,43 @@ def _field_comments(cls: type) -> dict[str, str]:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain-data form of a config, as written to the run folder and into checkpoints."""
+    """Plain-data form of a config."""
     return dataclasses.asdict(cfg)
+
+
+# Credentials a data URL or pipe: command may carry: (pattern, replacement), applied in order.
+CREDENTIALS = [
+    (re.compile(r"(\w+://)[^/\s:@'\"]+:[^/\s@'\"]+@"), r"\1<redacted>@"),  # user:password@host
+    (re.compile(r"(\w+://[^\s?'\"]+)\?[^\s'\"]*"), r"\1?<redacted>"),  # query strings: presigned links, tokens
+    (re.compile(r"((?:-H|--header)\s*['\"]?\s*(?:authorization|cookie|[\w-]*(?:token|key|secret))\s*:)[^'\"]*",
+                re.IGNORECASE), r"\1 <redacted>"),  # curl -H 'Authorization: Bearer ...'
+    (re.compile(r"((?:^|\s)(?:-u|--user)\s+)\S+"), r"\1<redacted>"),  # curl -u user:password
+    (re.compile(r"(\b\w*(?:TOKEN|KEY|SECRET|PASSWORD)\w*=)\S+"), r"\1<redacted>"),  # AWS_SECRET_ACCESS_KEY=... cmd
+]
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of CREDENTIALS replaced by <redacted>."""
+    for pattern, replacement in CREDENTIALS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def recorded(cfg: Any) -> dict[str, Any]:
+    """A config as dsclip writes it anywhere (config.yaml, train state, W&B, TensorBoard): plain
+    data with the credentials of data URLs and pipe: commands redacted."""
+    return redacted(to_dict(cfg))
+
+
+def redacted(value: Any) -> Any:
+    """`value` (plain config data) with every string passed through redact()."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redacted(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redacted(v) for v in value)
+    return value
 
 
 def flat_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

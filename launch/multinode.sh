@@ -9,7 +9,11 @@
 # the working directory; the defaults are this repository's files. A remote shell does not
 # inherit this one's environment, so the variables matching ENV_PREFIXES are written to
 # .deepspeed_env (in the working directory, or DS_ENV_FILE), which the launcher exports on
-# every node before starting its ranks.
+# every node before starting its ranks. The launcher puts those exports on the pdsh command
+# line (visible in `ps` on every node, and logged), so variables whose names look secret
+# (SECRET_NAMES: tokens, keys, passwords) go instead into <DS_ENV_FILE>.secrets, readable by
+# you only, which every rank reads at start-up (DSCLIP_SECRETS_FILE). Both files are removed
+# when the launch ends; the working directory must be on storage every node shares.
 # Without ssh between nodes (a scheduler starts one copy per node), set NODE_RANK on each
 # node instead: each copy then starts only its own node's ranks (--no_ssh), in its own
 # environment.
@@ -23,12 +27,15 @@
 #   DS_ENV_FILE   where the environment for the remote nodes is written [./.deepspeed_env]
 #   ENV_PREFIXES  variables propagated through .deepspeed_env, as a regex of name prefixes
 #                 [NCCL_|FI_|UCX_|OMP_NUM_THREADS|CUDA_|HF_|TRANSFORMERS_|WANDB_|TORCH_|DSCLIP_]
+#   SECRET_NAMES  regex of name parts that mark a propagated variable as secret
+#                 [TOKEN|KEY|SECRET|PASSWORD|CREDENTIAL]
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 HOSTFILE=${HOSTFILE:-$REPO/launch/hostfile}
 DS_CONFIG=${DS_CONFIG:-$REPO/ds_configs/zero3.json}
 ENV_PREFIXES=${ENV_PREFIXES:-NCCL_|FI_|UCX_|OMP_NUM_THREADS|CUDA_|HF_|TRANSFORMERS_|WANDB_|TORCH_|DSCLIP_}
+SECRET_NAMES=${SECRET_NAMES:-TOKEN|KEY|SECRET|PASSWORD|CREDENTIAL}
 
 if [[ ! -f "$HOSTFILE" ]]; then
     echo "multinode.sh: hostfile $HOSTFILE not found: copy launch/hostfile.example to launch/hostfile and list your nodes" >&2
@@ -44,6 +51,16 @@ else
     # The launcher reads DS_ENV_FILE (a name in the working directory or home, or an absolute
     # path) and exports each KEY=VALUE line on every node (single-line values only).
     export DS_ENV_FILE=${DS_ENV_FILE:-.deepspeed_env}
-    env | grep -E "^(${ENV_PREFIXES})[A-Za-z0-9_]*=" > "$DS_ENV_FILE" || true
+    secrets_file="$(realpath -m "$DS_ENV_FILE").secrets"
+    trap 'rm -f "$DS_ENV_FILE" "$secrets_file"' EXIT
+    umask 077  # both files: readable by this user only
+    propagated=$(env | grep -E "^(${ENV_PREFIXES})[A-Za-z0-9_]*=" || true)
+    grep -vE "^[A-Za-z0-9_]*(${SECRET_NAMES})[A-Za-z0-9_]*=" <<< "$propagated" > "$DS_ENV_FILE" || true
+    grep -E "^[A-Za-z0-9_]*(${SECRET_NAMES})[A-Za-z0-9_]*=" <<< "$propagated" > "$secrets_file" || true
+    if [[ -s "$secrets_file" ]]; then
+        echo "DSCLIP_SECRETS_FILE=$secrets_file" >> "$DS_ENV_FILE"
+    fi
+    umask 022
 fi
-exec "${launcher[@]}" "$REPO/dsclip/train.py" --deepspeed_config "$DS_CONFIG" "$@"
+# Not exec: the trap above removes the environment files when the launch ends.
+"${launcher[@]}" "$REPO/dsclip/train.py" --deepspeed_config "$DS_CONFIG" "$@"

@@ -1,4 +1,6 @@
 """Recipe loading: precedence, strict keys and types, actionable messages."""
+import json
+
 import pytest
 import yaml
 
@@ -111,3 +113,22 @@ def test_siglip_loss_needs_a_model_with_a_logit_bias():
         load_config(None, ["loss.kind=siglip"])
     cfg = load_config(None, ["loss.kind=siglip", "model.init_logit_bias=-10", "model.init_logit_scale=2.303"])
     assert cfg.model.has_logit_bias()
+
+
+@pytest.mark.parametrize("url, kept, secret", [
+    ("https://bob:hunter2@host/a/{000..009}.tar", "https://", "hunter2"),
+    ("https://bucket.s3.amazonaws.com/x.tar?X-Amz-Signature=abc123&X-Amz-Credential=AKIA", "x.tar?", "abc123"),
+    ("pipe:curl -s -H 'Authorization: Bearer sk-live-42' https://h/x.tar", "https://h/x.tar", "sk-live-42"),
+    ("pipe:curl -u bob:hunter2 https://h/x.tar", "pipe:curl", "hunter2"),
+    ("pipe:AWS_SECRET_ACCESS_KEY=abc123 aws s3 cp s3://b/x.tar -", "aws s3 cp", "abc123"),
+])
+def test_credentials_in_data_urls_are_redacted_wherever_the_config_is_written(url, kept, secret):
+    from dsclip.config import recorded
+    cfg = load_config(None, ["data.kind=webdataset", f"data.webdataset.urls=[{json.dumps(url)}]"])
+    written = recorded(cfg)["data"]["webdataset"]["urls"][0]
+    assert secret not in written and kept in written and "<redacted>" in written
+
+
+def test_a_local_shard_pattern_is_written_as_it_is():
+    from dsclip.config import redact
+    assert redact("/data/shard-{000000..000099}.tar") == "/data/shard-{000000..000099}.tar"

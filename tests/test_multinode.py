@@ -101,6 +101,35 @@ def test_multinode_sh_fails_clearly_without_a_hostfile(tmp_path):
     assert "hostfile" in result.stderr and "launch/hostfile.example" in result.stderr
 
 
+@pytest.mark.multiprocess
+def test_multinode_sh_keeps_tokens_off_the_command_line_in_a_private_file_it_removes(tmp_path):
+    """A stand-in `deepspeed` records what the launcher would see: .deepspeed_env without the
+    token, the token in a file only this user can read, both gone after the launch."""
+    fakes, log = tmp_path / "bin", tmp_path / "launcher.log"
+    fake_command(fakes, "deepspeed", 'stat -c "%a %n" "$DS_ENV_FILE" "$DS_ENV_FILE.secrets" > "$LOG"\n'
+                                     'cat "$DS_ENV_FILE" "$DS_ENV_FILE.secrets" >> "$LOG"\n')
+    env = script_env(tmp_path, HOSTFILE=str(two_node_hostfile(tmp_path)), LOG=str(log),
+                     DS_ENV_FILE=str(tmp_path / ".deepspeed_env"), WANDB_API_KEY="wandb-secret", HF_HUB_OFFLINE="1",
+                     PATH=f"{fakes}:{os.environ['PATH']}")
+    subprocess.run([str(REPO / "launch" / "multinode.sh")], cwd=tmp_path, env=env, check=True, timeout=60)
+    lines = log.read_text().splitlines()
+    assert [line.split()[0] for line in lines[:2]] == ["600", "600"]
+    public = lines[2:lines.index("WANDB_API_KEY=wandb-secret")]
+    assert "HF_HUB_OFFLINE=1" in public and not any("wandb-secret" in line for line in public)
+    assert f"DSCLIP_SECRETS_FILE={tmp_path}/.deepspeed_env.secrets" in public
+    assert not list(tmp_path.glob(".deepspeed_env*"))
+
+
+def test_a_rank_reads_the_secrets_file_without_overriding_what_is_set(tmp_path, monkeypatch):
+    from dsclip.training.bootstrap import load_secrets
+    (tmp_path / "secrets").write_text("WANDB_API_KEY=from-file\nHF_TOKEN=hf-from-file\n")
+    monkeypatch.setenv("DSCLIP_SECRETS_FILE", str(tmp_path / "secrets"))
+    monkeypatch.setenv("HF_TOKEN", "already-set")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    load_secrets()
+    assert os.environ["WANDB_API_KEY"] == "from-file" and os.environ["HF_TOKEN"] == "already-set"
+
+
 @pytest.mark.slow
 def test_multinode_sh_over_ssh_propagates_the_environment(single_node_losses, tmp_path):
     """The pdsh path: a stand-in pdsh runs each node's command in a fresh environment holding only
@@ -116,13 +145,13 @@ def test_multinode_sh_over_ssh_propagates_the_environment(single_node_losses, tm
         'rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done; exit $rc\n'))
     out = tmp_path / "out"
     env = script_env(tmp_path, HOSTFILE=str(two_node_hostfile(tmp_path)), PDSH_LOG=str(tmp_path / "pdsh.log"),
-                     DS_ENV_FILE=str(tmp_path / ".deepspeed_env"), HF_HUB_OFFLINE="1",
+                     DS_ENV_FILE=str(tmp_path / ".deepspeed_env"), HF_HUB_OFFLINE="1", HF_TOKEN="hf_secret42",
                      PATH=f"{fakes}:{BIN}:{os.environ['PATH']}")
     run_nodes([[str(REPO / "launch" / "multinode.sh"), *train_args(tmp_path, out)]], [env])
-    written = (tmp_path / ".deepspeed_env").read_text().splitlines()
-    assert "OMP_NUM_THREADS=1" in written and "HF_HUB_OFFLINE=1" in written
     remote_command = (tmp_path / "pdsh.log").read_text()
     assert "export OMP_NUM_THREADS=1;" in remote_command and "export HF_HUB_OFFLINE=1;" in remote_command
+    assert "hf_secret42" not in remote_command and "DSCLIP_SECRETS_FILE=" in remote_command  # the token: in a file
+    assert not list(tmp_path.glob(".deepspeed_env*"))  # both files removed when the launch ended
     assert losses(out) == pytest.approx(single_node_losses, abs=1e-6)
 
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from dsclip.config import RunConfig, to_dict
+from dsclip.config import RunConfig, recorded
 from dsclip.data.loader import TrainData, build_train_data
 from dsclip.eval.tasks import Evaluation, build_evals
 from dsclip.loss.contrastive import build_loss
@@ -61,12 +61,12 @@ def build_run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] =
         log.info("resumed %s: step %d, epoch %d", point.tag, engine.global_steps, epoch)
     if rank == 0:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(recorded(cfg), sort_keys=False))
     checkpoints = CheckpointManager(cfg.checkpoints_dir, cfg.train.keep_last, cfg.train.best_metric,
                                     cfg.train.best_mode)
     if point is not None and point.root.resolve() == cfg.checkpoints_dir.resolve():
         checkpoints.continue_from(point.tag)
-    tracker = Tracker(cfg.logging, cfg.run_dir, to_dict(cfg), rank == 0, resume=point is not None)
+    tracker = Tracker(cfg.logging, cfg.run_dir, recorded(cfg), rank == 0, resume=point is not None)
     return RunParts(cfg, engine, data, loss_fn, evals, checkpoints, tracker, total_steps, precision(ds), epoch)
 
 
