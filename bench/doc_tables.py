@@ -410,6 +410,16 @@ def test_tiers() -> str:
             "tests in all (`bench/results/test_tiers.json`).")
 
 
+# -- bench/faults.py: bench/results/faults.json ------------------------------------------------------
+def faults_table() -> str:
+    """README's Reliability section: each fault case, what must hold, and what the suite measured."""
+    d = load("faults.json")
+    rows = [[row["fault"], row["expected"], row["result"]] for row in d["rows"]]
+    return (table(["fault", "expected", "measured"], "lll", rows) + "\n\n"
+            f"Measured by `bench/faults.py` at commit {d['commit']} on {d['date']} ({d['cpus']} cores): {d['summary']} "
+            f"in {d['wall_s'] / 60:.1f} minutes (`bench/results/faults.json`).")
+
+
 # -- bench/grad_cache.py: bench/results/grad_cache.json -------------------------------------------------
 def _gc_cell(row: Optional[dict], key: str, fmt: Callable[[float], str]) -> str:
     if row is None:
@@ -451,7 +461,7 @@ BLOCKS: dict[str, Callable[[], str]] = {f.__name__: f for f in [
     loss_conditions, loss_table, loss_largest_batch, loss_speed,
     data_table, data_ratio,
     wiseft_table, wiseft_summary, wiseft_stage_times,
-    test_tiers, grad_cache_table, grad_cache_summary,
+    test_tiers, grad_cache_table, grad_cache_summary, faults_table,
 ]}
 
 

@@ -39,6 +39,12 @@ ALLOWED = [
     ("docs/recipes.md", "needs 6.8 GB", "computed: 16 bytes x parameter count, GB = 1e9"),
     ("docs/recipes.md", "needs 40 GB", "computed: 16 bytes x parameter count, GB = 1e9"),
     ("docs/recipes.md", "5 GB per GPU", "computed: 16 bytes x parameter count / 8, GB = 1e9"),
+    ("README.md", "`train.collective_timeout_s` (600 s)", "the recipe key's default"),
+    ("docs/multinode.md", "`train.collective_timeout_s` (600 s)", "the recipe key's default"),
+    ("README.md", "waits of 1, 2, 4 s", "RETRY_BASE_S in dsclip/data/shards.py, doubled per retry"),
+    ("README.md", "about 30 s from the signal", "the DeepSpeed launcher's and torchrun's fixed wait before SIGKILL"),
+    ("docs/checkpoints.md", "ranks 30 s after the signal", "torchrun's fixed wait before it kills ranks"),
+    ("docs/checkpoints.md", "size, +20%", "SPACE_MARGIN in dsclip/training/checkpoint.py"),
 ]
 
 

@@ -1,7 +1,9 @@
 """Helpers of the fault suite: dsclip commands in fresh processes, a tiny run to damage, and the
 tools of a hostile user (a pickle that creates a file, a re-sealed manifest)."""
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from dsclip_testutils import REPO, ds_config, subprocess_env
+from dsclip_testutils import REPO, ds_config, free_port, subprocess_env
 
 TINY = ["--set", "optim.warmup_steps=1", "--set", "data.batch_size=8", "--set", "data.synthetic.train_samples=40",
         "--set", "eval.at_start=false", "--set", "eval.at_end=false", "--set", "logging.log_every=1"]
@@ -44,6 +46,61 @@ def train(out: Path, *extra: str, fault: str = "", timeout: float = 300) -> Fini
     """A tiny single-process run under ZeRO-3 into `out`/default."""
     return dsclip("train", "--deepspeed_config", str(ds_config(3, out.parent)), "--output-dir", str(out), *TINY,
                   *extra, fault=fault, timeout=timeout)
+
+
+def start_ranks(out: Path, *args: str, fault: str = "", ranks: int = 2) -> subprocess.Popen:
+    """dsclip/train.py under the DeepSpeed launcher with `ranks` CPU ranks into `out`/default, in
+    its own process group (output merged into proc.stdout)."""
+    env = subprocess_env(**({"DSCLIP_FAULT": fault, "PYTHONPATH": str(INJECT)} if fault else {}))
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+               str(free_port()), str(REPO / "dsclip" / "train.py"), "--deepspeed_config",
+               str(ds_config(3, out.parent)), "--output-dir", str(out), *args]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def ended_within(proc: subprocess.Popen, timeout: float) -> tuple[float, str]:
+    """(seconds until the whole process group is gone, its output); fails after `timeout`."""
+    start = time.monotonic()
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"still running {timeout:.0f} s later: {proc.stdout.read()[-3000:]}") from None
+    while time.monotonic() - start < timeout:  # the launcher may go before its ranks
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return time.monotonic() - start, output
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"processes of the run were still alive {timeout:.0f} s later")
+
+
+def wait_until(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.stdout.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.01)
+
+
+def logged_steps(run_dir: Path) -> dict[int, float]:
+    """Per-step loss from metrics.jsonl (a step logged twice keeps its last value)."""
+    if not (run_dir / "metrics.jsonl").is_file():
+        return {}
+    steps = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # the line being written right now
+            continue
+        if "train/loss" in record:
+            steps[record["step"]] = record["train/loss"]
+    return steps
 
 
 def copy_run(run: Path, to: Path) -> Path:
