@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from dsclip.credentials import redact
 from dsclip.data.config import DataConfig
 from dsclip.ensemble.config import WiseFtConfig
 from dsclip.errors import ConfigError
@@ -233,24 +234,6 @@ def _field_comments(cls: type) -> dict[str, str]:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain-data form of a config."""
     return dataclasses.asdict(cfg)
-
-
-# Credentials a data URL or pipe: command may carry: (pattern, replacement), applied in order.
-CREDENTIALS = [
-    (re.compile(r"(\w+://)[^/\s:@'\"]+:[^/\s@'\"]+@"), r"\1<redacted>@"),  # user:password@host
-    (re.compile(r"(\w+://[^\s?'\"]+)\?[^\s'\"]*"), r"\1?<redacted>"),  # query strings: presigned links, tokens
-    (re.compile(r"((?:-H|--header)\s*['\"]?\s*(?:authorization|cookie|[\w-]*(?:token|key|secret))\s*:)[^'\"]*",
-                re.IGNORECASE), r"\1 <redacted>"),  # curl -H 'Authorization: Bearer ...'
-    (re.compile(r"((?:^|\s)(?:-u|--user)\s+)\S+"), r"\1<redacted>"),  # curl -u user:password
-    (re.compile(r"(\b\w*(?:TOKEN|KEY|SECRET|PASSWORD)\w*=)\S+"), r"\1<redacted>"),  # AWS_SECRET_ACCESS_KEY=... cmd
-]
-
-
-def redact(text: str) -> str:
-    """`text` with the credentials of CREDENTIALS replaced by <redacted>."""
-    for pattern, replacement in CREDENTIALS:
-        text = pattern.sub(replacement, text)
-    return text
 
 
 def recorded(cfg: Any) -> dict[str, Any]:

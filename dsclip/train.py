@@ -36,8 +36,7 @@ def run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] = None)
     start_process_group(cfg.train.collective_timeout_s)
     trainer = Trainer(build_run(cfg, ds_config, resume), stop)
     metrics = trainer.train()
-    finished = trainer.engine.global_steps >= trainer.total_steps  # not stopped by a signal
-    if cfg.wise_ft.enabled and finished:
+    if cfg.wise_ft.enabled and not trainer.stopped_by_signal:
         from dsclip.ensemble.wiseft import run_wise_ft
         finetuned = cfg.export_dir if cfg.train.export else cfg.run_dir
         run_wise_ft(cfg.wise_ft, cfg, zeroshot=cfg.model.pretrained, finetuned=str(finetuned),

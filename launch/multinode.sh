@@ -51,16 +51,28 @@ else
     # The launcher reads DS_ENV_FILE (a name in the working directory or home, or an absolute
     # path) and exports each KEY=VALUE line on every node (single-line values only).
     export DS_ENV_FILE=${DS_ENV_FILE:-.deepspeed_env}
-    secrets_file="$(realpath -m "$DS_ENV_FILE").secrets"
+    [[ "$DS_ENV_FILE" == /* ]] && secrets_file="$DS_ENV_FILE.secrets" || secrets_file="$PWD/$DS_ENV_FILE.secrets"
     trap 'rm -f "$DS_ENV_FILE" "$secrets_file"' EXIT
-    umask 077  # both files: readable by this user only
+    rm -f "$DS_ENV_FILE" "$secrets_file"  # a file that exists keeps its mode when written again
     propagated=$(env | grep -E "^(${ENV_PREFIXES})[A-Za-z0-9_]*=" || true)
-    grep -vE "^[A-Za-z0-9_]*(${SECRET_NAMES})[A-Za-z0-9_]*=" <<< "$propagated" > "$DS_ENV_FILE" || true
-    grep -E "^[A-Za-z0-9_]*(${SECRET_NAMES})[A-Za-z0-9_]*=" <<< "$propagated" > "$secrets_file" || true
-    if [[ -s "$secrets_file" ]]; then
-        echo "DSCLIP_SECRETS_FILE=$secrets_file" >> "$DS_ENV_FILE"
-    fi
-    umask 022
+    (
+        umask 077  # both files: readable by this user only
+        printf '%s' "$propagated" | grep -vE "^[A-Za-z0-9_]*(${SECRET_NAMES})[A-Za-z0-9_]*=" > "$DS_ENV_FILE" || true
+        printf '%s' "$propagated" | grep -E "^[A-Za-z0-9_]*(${SECRET_NAMES})[A-Za-z0-9_]*=" > "$secrets_file" || true
+        if [[ -s "$secrets_file" ]]; then
+            echo "DSCLIP_SECRETS_FILE=$secrets_file" >> "$DS_ENV_FILE"
+        fi
+    )
 fi
-# Not exec: the trap above removes the environment files when the launch ends.
-"${launcher[@]}" "$REPO/dsclip/train.py" --deepspeed_config "$DS_CONFIG" "$@"
+# Not exec, so that the trap above removes the environment files when the launch ends; the
+# launcher runs in the background and a SIGTERM / SIGINT to this script is passed on to it.
+"${launcher[@]}" "$REPO/dsclip/train.py" --deepspeed_config "$DS_CONFIG" "$@" &
+launcher_pid=$!
+trap 'kill -TERM "$launcher_pid" 2>/dev/null || true' TERM INT
+status=0
+wait "$launcher_pid" || status=$?
+while kill -0 "$launcher_pid" 2>/dev/null; do  # wait returned early for a signal: the ranks are saving
+    status=0
+    wait "$launcher_pid" || status=$?
+done
+exit "$status"

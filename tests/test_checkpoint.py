@@ -227,6 +227,29 @@ def test_a_save_that_fails_half_way_leaves_latest_on_the_previous_checkpoint(tmp
     assert resumed.engine.global_steps == 2
 
 
+def test_a_full_disk_as_torch_reports_it_is_one_line_and_keeps_latest(tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError ('unexpected pos'), not as an OSError."""
+    trainer = tiny_trainer(tmp_path)
+    original = trainer.engine.save_checkpoint
+
+    def full_at_step_4(save_dir, tag=None, **kwargs):
+        if tag == "step-4":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6784 vs 6680")
+        return original(save_dir, tag=tag, **kwargs)
+
+    monkeypatch.setattr(trainer.engine, "save_checkpoint", full_at_step_4)
+    with pytest.raises(CheckpointError, match="step-4 failed on rank 0: RuntimeError: .*unexpected pos"):
+        trainer.train()
+    assert read_pointer(tmp_path / "default" / "checkpoints" / "latest") == "step-2"
+
+
+def test_each_rank_owns_the_checkpoint_files_it_writes():
+    from dsclip.training.checkpoint import owned_by
+    assert [owned_by(name) for name in ("zero_pp_rank_3_mp_rank_00_optim_states.pt",
+                                        "bf16_zero_pp_rank_5_mp_rank_00_optim_states.pt", "rank-7.pt",
+                                        "mp_rank_00_model_states.pt", "COMPLETE")] == [3, 5, 7, 0, 0]
+
+
 def test_resume_refuses_what_changes_the_computation_and_accepts_logging_changes(tmp_path):
     tiny_trainer(tmp_path).train()
     with pytest.raises(CheckpointError, match=r"differs in model.image_size: None -> 48"):

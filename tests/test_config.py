@@ -121,6 +121,11 @@ def test_siglip_loss_needs_a_model_with_a_logit_bias():
     ("pipe:curl -s -H 'Authorization: Bearer sk-live-42' https://h/x.tar", "https://h/x.tar", "sk-live-42"),
     ("pipe:curl -u bob:hunter2 https://h/x.tar", "pipe:curl", "hunter2"),
     ("pipe:AWS_SECRET_ACCESS_KEY=abc123 aws s3 cp s3://b/x.tar -", "aws s3 cp", "abc123"),
+    ("https://ghp_abc123@github.com/org/data/x.tar", "github.com/org", "ghp_abc123"),
+    ("pipe:wget --header='Authorization: Bearer abc123' -O - http://h/x.tar", "-O - http://h/x.tar", "abc123"),
+    ("pipe:curl -ubob:abc123 http://h/x.tar", "http://h/x.tar", "abc123"),
+    ("pipe:fetch --token abc123 x.tar", "x.tar", "abc123"),
+    ("pipe:fetch api_key=abc123 x.tar", "x.tar", "abc123"),
 ])
 def test_credentials_in_data_urls_are_redacted_wherever_the_config_is_written(url, kept, secret):
     from dsclip.config import recorded
@@ -129,6 +134,8 @@ def test_credentials_in_data_urls_are_redacted_wherever_the_config_is_written(ur
     assert secret not in written and kept in written and "<redacted>" in written
 
 
-def test_a_local_shard_pattern_is_written_as_it_is():
-    from dsclip.config import redact
-    assert redact("/data/shard-{000000..000099}.tar") == "/data/shard-{000000..000099}.tar"
+@pytest.mark.parametrize("text", ["/data/shard-{000000..000099}.tar", "pipe:python -u fetch.py shard-{0..9}",
+                                  "pipe:aws s3 cp s3://bucket/shard-0.tar -"])
+def test_what_holds_no_credential_is_written_as_it_is(text):
+    from dsclip.credentials import redact
+    assert redact(text) == text

@@ -45,6 +45,7 @@ ALLOWED = [
     ("README.md", "about 30 s from the signal", "the DeepSpeed launcher's and torchrun's fixed wait before SIGKILL"),
     ("docs/checkpoints.md", "ranks 30 s after the signal", "torchrun's fixed wait before it kills ranks"),
     ("docs/checkpoints.md", "size, +20%", "SPACE_MARGIN in dsclip/training/checkpoint.py"),
+    ("docs/checkpoints.md", "job step 120 s before", "launch/slurm.sbatch's --signal=TERM@120"),
 ]
 
 

@@ -11,7 +11,8 @@ from dsclip_testutils import REPO
 # Lowest first. A module may import modules of its own layer (without a cycle) and of lower layers;
 # the first pattern a module name matches gives its layer.
 LAYERS = [
-    ("base", ["dsclip", "dsclip.errors", "dsclip.logs", "dsclip.fileio", "dsclip.metric_keys", "kernels", "kernels.*"]),
+    ("base", ["dsclip", "dsclip.errors", "dsclip.logs", "dsclip.fileio", "dsclip.credentials", "dsclip.metric_keys",
+              "kernels", "kernels.*"]),
     ("config", ["dsclip.*.config", "dsclip.config", "dsclip.data.templates", "dsclip.model.architectures"]),
     ("components", ["dsclip.model", "dsclip.model.*", "dsclip.data", "dsclip.data.*", "dsclip.loss", "dsclip.loss.*",
                     "dsclip.report", "dsclip.report.*"]),

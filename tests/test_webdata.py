@@ -178,7 +178,7 @@ def test_pipe_urls_read_shards_and_a_failing_pipe_names_the_shard(tmp_path):
     assert sorted(ids_of(loader(WebDataConfig(urls=[good], train_num_samples=8)))) == list(range(8))
     broken = f"pipe:cat {tmp_path}/d/missing.tar"
     with pytest.raises(OSError, match="missing.tar"):
-        list(loader(WebDataConfig(urls=[broken], train_num_samples=8)))
+        list(loader(WebDataConfig(urls=[broken], train_num_samples=8, shard_retries=0)))
 
 
 @pytest.mark.multiprocess  # spawns processes; kept out of the quick tier

@@ -33,6 +33,7 @@ import webdataset as wds
 from webdataset.gopen import gopen
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dsclip.credentials import redact
 from dsclip.data.config import WebDataConfig
 from dsclip.errors import DataStallError
 from dsclip.data.images import ImageTooLarge, open_image
@@ -254,7 +255,7 @@ class _ShardStream(IterableDataset):
         try:
             stream = gopen(url)
         except OSError as exn:
-            raise OSError(f"cannot open webdataset shard {url}: {exn}") from exn
+            raise OSError(redact(f"cannot open webdataset shard {url}: {exn}")) from None
         members = tar_members(stream, url, int(self.cfg.max_member_mb * 2**20))
         # Each sample goes out only once the next one has begun: the last may be cut short by a
         # failing read, which shows only at close (a pipe's exit status), and then comes again
@@ -266,11 +267,11 @@ class _ShardStream(IterableDataset):
                     yield held
                 held = sample
         except OSError as exn:
-            raise OSError(f"cannot read webdataset shard {url}: {exn}") from exn
+            raise OSError(redact(f"cannot read webdataset shard {url}: {exn}")) from None
         try:
             stream.close()  # a pipe: reports its command's exit status here
         except OSError as exn:
-            raise OSError(f"cannot read webdataset shard {url}: {exn.args[0] if exn.args else exn}") from exn
+            raise OSError(redact(f"cannot read webdataset shard {url}: {exn.args[0] if exn.args else exn}")) from None
         if errors:  # a damaged archive: its last sample may be partial
             counts["bad_shard"] += 1
             log.debug("skipped rest of shard %s: %r", url, errors[0])

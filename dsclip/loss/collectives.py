@@ -23,6 +23,7 @@ gloo unchanged. Measured here, 2 ranks, 12.6 MB fp32 (ms):
 """
 import mmap
 import os
+import platform
 import sys
 import time
 import uuid
@@ -107,11 +108,11 @@ class SharedExchange:
     reading that half, so one meeting per round suffices.
 
     The meeting is dsclip's own barrier: a counter per rank at the end of the file, which each
-    rank raises after writing and polls until every rank's is as high. (The kernel only runs on
-    x86, whose stores become visible in program order: a rank that sees a peer's count sees the
-    data the peer wrote before it.) It replaces a 1-float sum through DeepSpeed's kernel, which
-    waits for its peers in C++ without a timeout, holding the GIL: a peer that died or hangs
-    pinned the others at 100% CPU forever, deaf to SIGTERM. A waiting rank looks every 0.2 s
+    rank raises after writing and polls until every rank's is as high. (On x86 stores become
+    visible in program order: a rank that sees a peer's count sees the data the peer wrote
+    before it; elsewhere shared_memory_dtypes() turns the exchange off.) It replaces a 1-float
+    sum through DeepSpeed's kernel, which waits for its peers in C++ without a timeout, holding
+    the GIL: a peer that died or hangs pinned the others at 100% CPU forever, deaf to SIGTERM. A waiting rank looks every 0.2 s
     whether the late ones are still alive, and gives up after `timeout_s`: CollectiveTimeout
     names the ranks it waited for. The kernel's own sums (large fp32 / bf16 all-reduces) are
     entered only after the same barrier, so only a peer that dies inside one can still stall them
@@ -355,6 +356,8 @@ def shared_memory_dtypes() -> frozenset[torch.dtype]:
     # The kernel maps its buffers only when LOCAL_SIZE equals the world size at start-up (all ranks
     # on one host); called without them it crashes the process, so check its own condition.
     if os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
+        return frozenset()
+    if platform.machine() not in ("x86_64", "AMD64"):  # the exchange's barrier relies on x86's store order
         return frozenset()
     level = getattr(comm.comm.cdb, "shm_vector_kernel_level", 0)
     if level < 1:

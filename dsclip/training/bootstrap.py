@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from dsclip.errors import UserError
+from dsclip.errors import RankError
 from dsclip.logs import debug_enabled, prints_as_debug
 from dsclip.loss.collectives import use_shared_memory
 from dsclip.training.config import DEFAULT_COLLECTIVE_TIMEOUT_S
@@ -52,7 +52,7 @@ def load_secrets() -> None:
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as e:
-        raise UserError(f"DSCLIP_SECRETS_FILE={path} cannot be read ({e.strerror}): launch/multinode.sh writes it in "
+        raise RankError(f"DSCLIP_SECRETS_FILE={path} cannot be read ({e.strerror}): launch/multinode.sh writes it in "
                         "the working directory, which every node must share") from None
     for line in lines:
         name, sep, value = line.partition("=")

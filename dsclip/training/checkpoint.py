@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 BYTES_PER_PARAMETER = 16  # a first save's size: fp32 weights, two Adam moments, fp32 master
 SPACE_MARGIN = 1.2
+LOW_SPACE = 256 << 20  # bytes free below which a failed write is reported as a full disk
 SET_ASIDE_PREFIX = "set-aside-"
 
 
@@ -116,8 +117,8 @@ def agree_on_problems(problems: list[str]) -> None:
 def owned_by(name: str) -> int:
     """The rank that writes a checkpoint file: DeepSpeed names its per-rank shards
     zero_pp_rank_R_..., dsclip its train state rank-R.pt; the rest (ZeRO-1/2's model states) rank 0."""
-    match = re.match(r"(?:zero_pp_rank_|rank-)(\d+)[_.]", name)
-    return int(match.group(1)) if match else 0
+    match = re.search(r"(?:^|_)zero_pp_rank_(\d+)_|^rank-(\d+)\.", name)  # bf16 runs: bf16_zero_pp_rank_R_...
+    return int(match.group(1) or match.group(2)) if match else 0
 
 
 def save_sequence(folder: Path) -> int:
@@ -172,16 +173,16 @@ class CheckpointManager:
             # DeepSpeed's save makes collectives of its own: a rank whose write fails there leaves at
             # once, and the launcher stops the others (or the collective timeout does).
             engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
-        except OSError as e:
-            raise CheckpointSaveError(failed.format(describe(e))) from None
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            raise CheckpointSaveError(failed.format(self.write_failure(e))) from None
         sealed, problems = {}, []
         try:
             state = {**train_state, "rng": rng_state(), "world_size": self.world_size}
             atomic_write(rank_state_file(self.root, tag, self.rank), lambda path: torch.save(state, path))
             sealed = seal(sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                                  and owned_by(p.name) == self.rank))
-        except OSError as e:
-            problems.append(failed.format(describe(e)))
+        except Exception as e:  # every rank must reach the agreement below
+            problems.append(failed.format(self.write_failure(e)))
         parts: list[Optional[tuple[dict[str, str], list[str]]]] = [None] * self.world_size
         dist.all_gather_object(parts, (sealed, problems))  # also the barrier: every rank's files are on disk
         raise_first([problem for _, rank_problems in parts for problem in rank_problems])
@@ -191,6 +192,13 @@ class CheckpointManager:
         log.info("saved %s in %.1f s (%.2f GB; a stop signal needs that much time before SIGKILL)", tag,
                  time.perf_counter() - start, size / 1e9)
         return tag
+
+    def write_failure(self, error: BaseException) -> str:
+        """What went wrong writing a checkpoint file, with the free space when it is nearly gone
+        (torch.save's own message for a full disk is 'unexpected pos ...')."""
+        free = shutil.disk_usage(self.root).free
+        full = f" ({free / 2**20:.0f} MiB left on the disk of {self.root}: it is full)" if free < LOW_SPACE else ""
+        return describe(error) + full
 
     def prepare(self, tag: str, engine) -> str:
         """Rank 0, before a save: 'complete' if `tag` is already saved; otherwise a stale partial

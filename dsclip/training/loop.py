@@ -69,6 +69,7 @@ class Trainer:
         self.stop = stop or StopSignals().install()
         self.model_state_logged = False
         self.towers: TrainableTowers | None = None  # grad_cache: which towers run a second forward
+        self.stopped_by_signal = False  # the run ended at a stop signal, not at its last step
 
     @property
     def total_steps(self) -> int:
@@ -182,7 +183,8 @@ class Trainer:
         stop = self.stop_agreed if stoppable else None
         try:
             metrics = run_evals(self.parts.evals, self.engine, self.engine.device, self.parts.input_dtype, stop)
-        except EvaluationStopped:
+        except EvaluationStopped as stopped:
+            log.info("stop signal during %s: the evaluation is left unfinished", stopped)
             return None
         if metrics:
             self.parts.tracker.log(self.engine.global_steps, metrics)
@@ -207,6 +209,7 @@ class Trainer:
 
     def stopped(self) -> dict[str, float]:
         """A stop signal agreed: save this step and end (no evaluation, no export)."""
+        self.stopped_by_signal = True
         self.save({})
         log.info("stop signal: saved step %d; resume with --resume latest", self.engine.global_steps)
         self.parts.tracker.close()

@@ -60,6 +60,7 @@ def test_sigkill_of_one_rank_mid_step_ends_every_process_and_resume_matches(stra
     seconds, output = ended_within(proc, 60)
     assert proc.returncode != 0 and all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
                                         for p in ranks.values())
+    assert seconds < 10 and "whose process is gone; the run stops here" in output, output[-3000:]  # not the launcher's 30 s
     resumed = resume_matches(out, straight)
     record("SIGKILL rank 1 mid-step (2 ranks, one node)", "all processes gone within 60 s, exit non-zero; "
            "`--resume latest` matches an uninterrupted run (1e-5)",
@@ -83,8 +84,7 @@ def test_sigkill_during_a_save_keeps_latest_on_the_previous_checkpoint(phase, st
     resumed = resume_matches(out, straight)
     assert resumed == 5
     record(f"SIGKILL during a save, {phase}", "`latest` names the previous complete checkpoint; resume works; "
-           "the partial folder is ignored", f"latest stayed step-5; resumed and matched ({seconds:.0f} s to exit)",
-           seconds=seconds)
+           "the partial folder is ignored", "latest stayed step-5; resumed from it and matched", seconds=seconds)
 
 
 def test_sigterm_during_a_scheduled_evaluation_saves_first(tmp_path, record):
@@ -102,6 +102,7 @@ def test_sigterm_during_a_scheduled_evaluation_saves_first(tmp_path, record):
     seconds = time.monotonic() - signalled
     _, output = ended_within(proc, 60)
     assert seconds < 10 and "stop signal: saved step 4" in output, output[-3000:]
+    assert "stop signal during eval synthetic: the evaluation is left unfinished" in output
     assert not [r for r in read_metrics(out / "default") if any(k.startswith("eval/") for k in r)]
     record("SIGTERM during a scheduled evaluation", "the save happens first, within 10 s of the signal",
            f"evaluation abandoned, step-4 saved {seconds:.1f} s after the signal", seconds=seconds)
@@ -131,41 +132,53 @@ def test_an_exception_in_a_data_loader_worker_ends_every_rank_with_it_printed_on
            f"gone in {seconds:.0f} s, printed once", seconds=seconds)
 
 
-def test_a_pipe_shard_that_fails_once_is_retried_and_the_run_completes(tmp_path, record):
+def test_a_pipe_shard_failing_once_a_temperature_at_its_cap_and_a_token_in_the_url(tmp_path, record):
+    """One single-process run meets three faults: its only shard is a pipe: command that fails the
+    first time and carries a token, and the temperature starts at float32(ln 100), whose exp
+    (100.0000076) was above the old forward clamp, with a random-init loss that wants it lower."""
     write_shards(tmp_path / "d", n_shards=1, per_shard=40)
     shard, flag = tmp_path / "d" / "00000.tar", tmp_path / "failed-once"
-    url = f"pipe:bash -c 'if [ -e {flag} ]; then cat {shard}; else touch {flag}; exit 3; fi'"
+    url = f"pipe:SECRET_TOKEN=tok-abc123 bash -c 'if [ -e {flag} ]; then cat {shard}; else touch {flag}; exit 3; fi'"
+    at_cap = float(torch.tensor(math.log(100.0)))
     finished = train(tmp_path / "out", "--set", "data.kind=webdataset", "--set", f'data.webdataset.urls=["{url}"]',
-                     "--set", "data.webdataset.train_num_samples=40", "--set", "train.max_steps=6")
+                     "--set", "data.webdataset.train_num_samples=40", "--set", "train.max_steps=8",
+                     "--set", f"model.init_logit_scale={at_cap}", "--set", "logging.report_to=[jsonl,tensorboard]")
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert "reading it again in 1 s (retry 1 of 3)" in finished.stdout + finished.stderr
-    assert max(logged_steps(tmp_path / "out" / "default")) == 6
+    output = finished.stdout + finished.stderr
+    assert "reading it again in 1 s (retry 1 of 3)" in output and max(logged_steps(tmp_path / "out" / "default")) == 8
     record("a `pipe:` shard that fails once", "retried and the run completes", "retried after 1 s; completed",
            seconds=finished.seconds)
-
-
-def test_a_temperature_at_the_cap_comes_down_when_the_loss_asks(tmp_path, record):
-    at_cap = float(torch.tensor(math.log(100.0)))  # float32(ln 100): exp() is 100.0000076, over the old clamp
-    finished = train(tmp_path / "out", "--set", "train.max_steps=8", "--set", f"model.init_logit_scale={at_cap}",
-                     "--set", "train.export=false")
-    assert finished.returncode == 0, finished.stderr[-3000:]
     scales = [r["train/logit_scale"] for r in read_metrics(tmp_path / "out" / "default") if "train/logit_scale" in r]
     assert scales[0] == pytest.approx(100.0) and scales[-1] < 99.5, scales
     record("logit scale at the cap with a loss that wants it lower", "the temperature comes down within a few steps",
            f"{scales[0]:.2f} -> {scales[-1]:.2f} in {len(scales)} steps", seconds=finished.seconds)
-
-
-def test_credentials_in_a_data_url_reach_no_file_of_the_run(tmp_path, record):
-    write_shards(tmp_path / "d", n_shards=1, per_shard=40)
-    url = f"pipe:SECRET_TOKEN=tok-abc123 cat {tmp_path / 'd' / '00000.tar'}"
-    finished = train(tmp_path / "out", "--set", "data.kind=webdataset", "--set", f'data.webdataset.urls=["{url}"]',
-                     "--set", "data.webdataset.train_num_samples=40", "--set", "train.max_steps=5",
-                     "--set", "logging.report_to=[jsonl,tensorboard]")
-    assert finished.returncode == 0, finished.stderr[-3000:]
     files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert len(files) > 10 and not [p for p in files if b"tok-abc123" in p.read_bytes()]
-    record("a data URL with a token", "redacted everywhere a config is written",
-           f"not in any of the run's {len(files)} files", seconds=finished.seconds)
+    assert "tok-abc123" not in output  # the retry's warning names the shard, redacted
+    record("a token in a data URL (`pipe:SECRET_TOKEN=...`)", "redacted everywhere a config is written",
+           f"in none of the run's {len(files)} files nor its log", seconds=finished.seconds)
+
+
+def test_a_hung_rank_ends_the_others_after_the_collective_timeout(tmp_path, record):
+    """Rank 1 is stopped (SIGSTOP: alive, never coming); rank 0 must give up after
+    train.collective_timeout_s with one line naming the step and the rank it waited for."""
+    out = tmp_path / "out"
+    proc = start_ranks(out, *RUN, "--set", "train.collective_timeout_s=5")
+    ranks = rank_processes(proc)
+    wait_until(lambda: max(logged_steps(out / "default"), default=0) >= 3, proc)
+    ranks[1].suspend()
+    stopped = time.monotonic()
+    try:
+        ranks[0].wait(timeout=60)
+        seconds = time.monotonic() - stopped
+    finally:
+        ranks[1].resume()  # it meets rank 0's absence at its next collective, and the launcher's SIGTERM
+    _, output = ended_within(proc, 60)
+    errors = [line for line in output.splitlines() if line.startswith("dsclip: error: rank 0 at step")]
+    assert len(errors) == 1 and "for rank(s) [1], which hang" in errors[0] and 5 <= seconds < 15, output[-3000:]
+    record("rank 1 hangs (SIGSTOP; collective timeout 5 s)", "the other ranks exit after the timeout with the "
+           "one-line message", f"rank 0 gone {seconds:.0f} s after the hang: ...{errors[0][35:120]}...",
+           seconds=seconds)
 
 
 def test_sigkill_of_one_node_ends_the_other_within_the_collective_timeout(tmp_path, record):
