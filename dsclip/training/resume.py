@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-
 from dsclip.config import RunConfig, flat_keys, recorded, redacted
 from dsclip.errors import CheckpointError
 from dsclip.model.run_folder import resolve_checkpoint, verify_checkpoint
