@@ -1,4 +1,5 @@
 """Shared helpers for dsclip tests: single-process DeepSpeed world, tiny configs, launcher runs."""
+import base64
 import importlib
 import json
 import os
@@ -75,11 +76,18 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 
+def node_launcher(nproc: int = 2) -> list[str]:
+    """DeepSpeed's per-node launcher for `nproc` local ranks, the command `deepspeed --num_gpus N`
+    runs for a one-node job, called directly: the `deepspeed` command in front of it adds an
+    interpreter start-up (5 s here) and nothing else on one node (tests/test_signals.py covers it)."""
+    world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nproc))}).encode()).decode()
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+
+
 def launch(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run dsclip/train.py under the DeepSpeed launcher with `nproc` CPU ranks."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-           "--master_port", str(port), str(REPO / "dsclip" / "train.py"), *args]
+    cmd = [*node_launcher(nproc), str(REPO / "dsclip" / "train.py"), *args]
     return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 

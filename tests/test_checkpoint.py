@@ -20,8 +20,8 @@ from dsclip.model.run_folder import is_complete, read_pointer
 from dsclip.training.ds_config import load_ds_config
 from dsclip.training.loop import Trainer
 from dsclip.training.resume import resume_conflicts
-from dsclip_testutils import (REPO, ds_config, free_port, init_single_rank, launch, make_trainer, read_metrics,
-                              subprocess_env)
+from dsclip_testutils import (REPO, ds_config, init_single_rank, launch, make_trainer, node_launcher,
+                              read_metrics, subprocess_env)
 
 # 2 ranks x 8 per rank, 80 samples: 5 steps per epoch, so interruptions land mid-epoch.
 RUN = ["--set", "train.max_steps=30", "--set", "optim.warmup_steps=3", "--set", "logging.log_every=1",
@@ -35,8 +35,7 @@ def losses_by_step(run_dir) -> dict[int, float]:
 
 
 def start_launcher(out, tmp_path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           str(REPO / "dsclip" / "train.py"), "--deepspeed_config", str(ds_config(3, tmp_path)),
+    cmd = [*node_launcher(2), str(REPO / "dsclip" / "train.py"), "--deepspeed_config", str(ds_config(3, tmp_path)),
            "--output-dir", str(out), *RUN, *extra]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=subprocess_env())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from dsclip_testutils import REPO, free_port, require_module
+from dsclip_testutils import REPO, node_launcher, require_module
 STEPS = 5
 STRATEGIES = {  # case -> recipe overrides; dsclip-tiny: vision 2 blocks, text 1 block
     "full": ["freeze.strategy=full"],
@@ -114,8 +114,7 @@ def drive(out: Path, cases: list[str]) -> None:
 # -- test ---------------------------------------------------------------------------------------
 def launch_driver(out: Path, cases: list[str]) -> dict[str, list[dict]]:
     """Run the driver on 2 ranks; per case, what each rank saw."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           __file__, str(out), *cases]
+    cmd = [*node_launcher(2), __file__, str(out), *cases]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

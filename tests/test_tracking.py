@@ -69,6 +69,7 @@ def test_wandb_offline_writes_under_run_dir_and_resumes_its_run_id(tmp_path, mon
     wandb = require_module("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(sys, "argv", ["train.py", "--set", "data.webdataset.urls=[https://h/s.tar?X-Amz-Signature=sig0]"])
     cfg = LoggingConfig(report_to=["jsonl", "wandb"], wandb_project="dsclip-test", plots=False)
     tracker = Tracker(cfg, tmp_path, {"train": {"lr": 1e-3}}, is_main=True)
     tracker.log(1, {"train/loss": 2.0})
@@ -77,7 +78,10 @@ def test_wandb_offline_writes_under_run_dir_and_resumes_its_run_id(tmp_path, mon
     run_id = (tmp_path / WANDB_RUN_ID_FILE).read_text().strip()
     runs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 1
-    assert b"train/loss" in next(runs[0].glob("*.wandb")).read_bytes()
+    recorded = next(runs[0].glob("*.wandb")).read_bytes()
+    assert b"train/loss" in recorded and b"data.webdataset.urls=[https://h/s.tar" in recorded  # the argv, redacted:
+    assert not [f for f in (tmp_path / "wandb").rglob("*") if f.is_file() and b"sig0" in f.read_bytes()]
+    assert sys.argv[-1].endswith("sig0]")  # and given back as it was
 
     def run_ids():
         # offline-run-<time>-<id>, with "-<n>" appended when two runs start in the same second

@@ -16,7 +16,7 @@ from dsclip.model.build import build_model
 from dsclip.model.config import ModelConfig
 from dsclip.training.ds_config import for_run, load_ds_config
 from dsclip.training.engine import build_engine
-from dsclip.training.loop import Trainer
+from dsclip.training.loop import Trainer, is_peer_failure, peer_failure
 from dsclip_testutils import REPO, ds_config, init_single_rank, launch, make_trainer, read_metrics, subprocess_env
 
 
@@ -156,3 +156,14 @@ def test_the_entry_script_reports_bad_input_in_one_line():
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("backend_message, expected", [
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:3473: Connection reset by peer",
+     "a peer rank's process is gone or its node is down (Read error [127.0.0.1]:3473: Connection reset by peer)"),
+    ("Timed out waiting 600000ms for recv operation to complete. Some advice", "Timed out waiting 600000ms for recv operation to complete"),
+])
+def test_a_peer_failure_is_one_line_without_the_backends_source_location(backend_message, expected):
+    error = RuntimeError(backend_message)
+    assert is_peer_failure(error) and peer_failure(error) == expected
+    assert not is_peer_failure(RuntimeError("shape mismatch"))

@@ -7,10 +7,13 @@ import logging
 import os
 import secrets
 import socket
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from dsclip.credentials import redact
 from dsclip.report.config import LoggingConfig
 from dsclip.report.plots import plot_metrics
 
@@ -48,8 +51,22 @@ def _start_wandb(cfg: LoggingConfig, run_dir: Path, run_config: dict[str, Any], 
         if mode == "offline":
             logger.warning("W&B server unreachable: logging offline under %s/wandb "
                            "(upload later with `wandb sync`)", run_dir)
-    return wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=run_dir.name,
-                      id=run_id, resume="allow", dir=str(run_dir), config=run_config, mode=mode)
+    with _redacted_argv():
+        return wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=run_dir.name,
+                          id=run_id, resume="allow", dir=str(run_dir), config=run_config, mode=mode)
+
+
+@contextmanager
+def _redacted_argv():
+    """W&B uploads sys.argv with a run's metadata and has no setting to edit it, so a credential
+    given on the command line (`--set data.webdataset.urls=[...token...]`) would leave with it:
+    wandb.init, which reads it, sees the arguments redacted."""
+    argv = sys.argv
+    sys.argv = [redact(arg) for arg in argv]
+    try:
+        yield
+    finally:
+        sys.argv = argv
 
 
 def _tensorboard_writer_class():

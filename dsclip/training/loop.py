@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption, SLURM's warning before the time limit
 
 
-PEER_FAILURES = ("Connection reset by peer", "Connection closed by peer", "Timed out waiting", "NCCL")
+LOST_PEER = ("Connection reset by peer", "Connection closed by peer")  # gloo, when a peer's process is gone
+PEER_FAILURES = (*LOST_PEER, "Timed out waiting", "NCCL")
 
 
 def is_peer_failure(error: RuntimeError) -> bool:
@@ -40,7 +41,10 @@ def is_peer_failure(error: RuntimeError) -> bool:
 def peer_failure(error: RuntimeError) -> str:
     """The backend's message in one line, without gloo's source location and advice."""
     line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-    return re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\] ", "", line).split(". ")[0]
+    line = re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\] ", "", line).split(". ")[0]
+    if any(marker in line for marker in LOST_PEER):  # gloo names the peer's address, not its rank
+        return f"a peer rank's process is gone or its node is down ({line})"
+    return line
 
 
 class StopSignals:

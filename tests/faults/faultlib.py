@@ -7,11 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from dsclip_testutils import REPO, ds_config, free_port, subprocess_env
+from dsclip_testutils import REPO, ds_config, node_launcher, subprocess_env
 
 TINY = ["--set", "optim.warmup_steps=1", "--set", "data.batch_size=8", "--set", "data.synthetic.train_samples=40",
         "--set", "eval.at_start=false", "--set", "eval.at_end=false", "--set", "logging.log_every=1"]
@@ -42,6 +44,13 @@ def dsclip(*args: str, fault: str = "", timeout: float = 300) -> Finished:
     return Finished(proc, time.monotonic() - start)
 
 
+def together(*commands: Callable[[], Finished]) -> list[Finished]:
+    """Run independent single-process `commands` two at a time, their results in order: each is
+    mostly one interpreter's start-up on one core, and CI has two."""
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda command: command(), commands))
+
+
 def train(out: Path, *extra: str, fault: str = "", timeout: float = 300) -> Finished:
     """A tiny single-process run under ZeRO-3 into `out`/default."""
     return dsclip("train", "--deepspeed_config", str(ds_config(3, out.parent)), "--output-dir", str(out), *TINY,
@@ -52,8 +61,7 @@ def start_ranks(out: Path, *args: str, fault: str = "", ranks: int = 2) -> subpr
     """dsclip/train.py under the DeepSpeed launcher with `ranks` CPU ranks into `out`/default, in
     its own process group (output merged into proc.stdout)."""
     env = subprocess_env(**({"DSCLIP_FAULT": fault, "PYTHONPATH": str(INJECT)} if fault else {}))
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-               str(free_port()), str(REPO / "dsclip" / "train.py"), "--deepspeed_config",
+    command = [*node_launcher(ranks), str(REPO / "dsclip" / "train.py"), "--deepspeed_config",
                str(ds_config(3, out.parent)), "--output-dir", str(out), *args]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

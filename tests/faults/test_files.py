@@ -10,21 +10,32 @@ import torch
 from torch import nn
 
 from dsclip.model.run_folder import consolidated_state_dict, read_pointer
-from faultlib import CreatesFile, copy_run, dsclip, plant, reseal, train
+from faultlib import CreatesFile, copy_run, dsclip, plant, reseal, together, train
 
 pytestmark = pytest.mark.multiprocess
 
-SAVES = ["--set", "train.max_steps=12", "--set", "train.save_every=4", "--set", "train.keep_last=3"]
+# Checkpoints at 4, 5, 8, 10, 12 (5, 10: epoch ends), the last 3 kept; one evaluation, at step 8,
+# which `best` then names.
+SAVES = ["--set", "train.max_steps=12", "--set", "train.save_every=4", "--set", "train.keep_last=3",
+         "--set", "eval.every_steps=8", "--set", "eval.batch_size=64", "--set", "data.synthetic.eval_samples=64",
+         "--set", "train.best_metric=eval/synthetic/top1"]
 EXPORTED = [*SAVES, "--set", "train.export=true"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """A finished 12-step run with checkpoints at steps 4, 8, 12 and its export."""
-    out = tmp_path_factory.mktemp("base") / "out"
-    finished = train(out, *EXPORTED)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    return out
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Two finished 12-step runs, made together: `own`, exported, and `other`, of another seed
+    (a timeline that diverged from `own`'s)."""
+    base = tmp_path_factory.mktemp("base")
+    finished = together(lambda: train(base / "own", *EXPORTED), lambda: train(base / "other", *SAVES, "--set", "seed=1"))
+    for result in finished:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return {"own": base / "own", "other": base / "other"}
+
+
+@pytest.fixture
+def run(runs) -> Path:
+    return runs["own"]
 
 
 def checkpoints(out: Path) -> Path:
@@ -42,31 +53,31 @@ PLANTED = {  # where the payload goes -> the commands that must refuse it
 }
 
 
-def refuses(command: str, step_folder: Path, tmp_path: Path):
+def refuses(command: str, step_folder: Path, writes_to: Path):
     """Run `command` on the checkpoint folder `step_folder` (resume: step-8; --pretrained: the run's latest)."""
     if command == "resume":
         return resume(step_folder.parents[2])
     if command == "export":
-        return dsclip("export", str(step_folder), "--out", str(tmp_path / "export"))
-    return train(tmp_path / "new", *SAVES, "--pretrained", str(step_folder.parents[1]))
+        return dsclip("export", str(step_folder), "--out", str(writes_to))
+    return train(writes_to, *SAVES, "--pretrained", str(step_folder.parents[1]))
 
 
-@pytest.mark.parametrize("place", PLANTED)
-def test_a_planted_pickle_is_refused_without_trust(place, run, tmp_path, record):
-    out = copy_run(run, tmp_path / "copy")
-    file, commands = PLANTED[place]
-    sentinel = tmp_path / "pwned"
-    plant(checkpoints(out) / file, sentinel)
-    for command in commands:
-        finished = refuses(command, (checkpoints(out) / file).parent, tmp_path)
+def test_a_planted_pickle_is_refused_without_trust(run, tmp_path, record):
+    cases = []  # (place, file, command, the folder holding the planted file, where the command writes)
+    for n, (place, (file, commands)) in enumerate(PLANTED.items()):
+        out = copy_run(run, tmp_path / f"copy-{n}")
+        plant(checkpoints(out) / file, tmp_path / f"pwned-{n}")
+        cases += [(place, file, command, (checkpoints(out) / file).parent, tmp_path / f"{command}-{n}")
+                  for command in commands]
+    results = together(*(lambda case=case: refuses(*case[2:]) for case in cases))
+    for (place, file, command, _, _), finished in zip(cases, results):
         line = finished.error_line()
-        assert finished.returncode == 2 and Path(file).name in line and "--trust-checkpoint" in line, line
-        assert not sentinel.exists()
+        assert finished.returncode == 2 and Path(file).name in line and "--trust-checkpoint" in line, (place, line)
         record(f"a pickle that creates a file, as {place}", "refused without --trust-checkpoint; the file is "
                "never created", f"refused by {command} ({finished.seconds:.0f} s); no file", seconds=finished.seconds)
-    trusted = dsclip("export", str((checkpoints(out) / file).parent), "--out", str(tmp_path / "export"),
-                     "--trust-checkpoint")
-    assert sentinel.exists(), trusted.stderr[-2000:]  # the payload is real: trusted, it runs
+    assert not list(tmp_path.glob("pwned-*"))
+    trusted = dsclip("export", str(cases[0][3]), "--out", str(tmp_path / "export"), "--trust-checkpoint")
+    assert (tmp_path / "pwned-0").exists(), trusted.stderr[-2000:]  # the payload is real: trusted, it runs
 
 
 def test_a_pickle_planted_where_no_manifest_covers_it_is_refused_by_the_loader_itself(run, tmp_path, record):
@@ -78,9 +89,9 @@ def test_a_pickle_planted_where_no_manifest_covers_it_is_refused_by_the_loader_i
         plant(checkpoints(out) / step / f"zero_pp_rank_0_mp_rank_00_{shard}.pt", sentinel)
         marker = checkpoints(out) / step / "COMPLETE"
         marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "files"}))
-    for command, finished in (("resume", resume(out)),
-                              ("export", dsclip("export", str(checkpoints(out) / "step-12"), "--out",
-                                                str(tmp_path / "export")))):
+    results = together(lambda: resume(out),
+                       lambda: dsclip("export", str(checkpoints(out) / "step-12"), "--out", str(tmp_path / "export")))
+    for command, finished in zip(("resume", "export"), results):
         line = finished.error_line()
         assert finished.returncode == 2 and "holds pickled Python objects" in line and "--trust-checkpoint" in line
         assert not sentinel.exists(), command
@@ -92,8 +103,10 @@ def test_a_pickled_pretrained_file_and_a_torchscript_file_are_refused(tmp_path, 
     sentinel = tmp_path / "pwned"
     torch.save({"payload": CreatesFile(sentinel)}, tmp_path / "weights.bin")
     torch.jit.save(torch.jit.script(nn.Linear(2, 2)), tmp_path / "scripted.pt")
-    for name, what in (("weights.bin", "--pretrained .bin"), ("scripted.pt", "TorchScript file")):
-        finished = train(tmp_path / name.replace(".", "-"), "--pretrained", str(tmp_path / name))
+    files = {"weights.bin": "--pretrained .bin", "scripted.pt": "TorchScript file"}
+    results = together(*(lambda name=name: train(tmp_path / name.replace(".", "-"), "--pretrained", str(tmp_path / name))
+                         for name in files))
+    for (name, what), finished in zip(files.items(), results):
         line = finished.error_line()
         assert finished.returncode == 2 and name in line and "--trust-checkpoint" in line, line
         record(f"a pickle that creates a file, as {what}", "refused without --trust-checkpoint",
@@ -124,28 +137,29 @@ DAMAGE = {  # fault -> (how, the file the error must name, the message)
 }
 
 
-@pytest.mark.parametrize("fault", DAMAGE)
-def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_file(fault, run, tmp_path, record):
-    out = copy_run(run, tmp_path / "copy")
-    damage, name, message = DAMAGE[fault]
-    damage(checkpoints(out))
-    spec = "latest" if "latest" in fault else str(checkpoints(out) / "step-8")
-    finished = train(out, *EXPORTED, "--resume", spec)
-    line = finished.error_line()
-    assert finished.returncode == 2 and name in line and message in line, line
-    assert "step " not in finished.stdout  # nothing trained: the error came before the engine loaded anything
-    record(fault, "one-line error naming the file; nothing loaded half-way", f"exit 2: ...{message}...",
-           seconds=finished.seconds)
+def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_file(run, tmp_path, record):
+    def resume_damaged(n: int, fault: str):
+        out = copy_run(run, tmp_path / f"copy-{n}")
+        DAMAGE[fault][0](checkpoints(out))
+        spec = "latest" if "latest" in fault else str(checkpoints(out) / "step-8")
+        return train(out, *EXPORTED, "--resume", spec)
+
+    results = together(*(lambda n=n, fault=fault: resume_damaged(n, fault) for n, fault in enumerate(DAMAGE)))
+    for (fault, (_, name, message)), finished in zip(DAMAGE.items(), results):
+        line = finished.error_line()
+        assert finished.returncode == 2 and name in line and message in line, (fault, line)
+        assert "step " not in finished.stdout, fault  # nothing trained: the error came before the engine loaded anything
+        record(fault, "one-line error naming the file; nothing loaded half-way", f"exit 2: ...{message}...",
+               seconds=finished.seconds)
 
 
-def test_resuming_an_older_step_sets_the_later_timeline_aside(run, tmp_path, record):
+def test_resuming_an_older_step_sets_the_later_timeline_aside(runs, tmp_path, record):
     """A run that went on past step-8 and diverged (here: step-12 of another seed) is resumed from
     step-8: the later folder is set aside, step-12 is saved anew and the export is this timeline's."""
-    other = train(tmp_path / "other", *SAVES, "--set", "seed=1")
-    assert other.returncode == 0, other.stderr[-3000:]
+    run = runs["own"]
     out = copy_run(run, tmp_path / "copy")
     (checkpoints(out) / "step-12").rename(tmp_path / "own-step-12")
-    (checkpoints(tmp_path / "other") / "step-12").rename(checkpoints(out) / "step-12")
+    copy_run(checkpoints(runs["other"]) / "step-12", checkpoints(out) / "step-12")
     finished = resume(out)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "moved to" in finished.stdout + finished.stderr
@@ -165,14 +179,11 @@ def test_resuming_an_older_step_sets_the_later_timeline_aside(run, tmp_path, rec
            seconds=finished.seconds)
 
 
-def test_a_changed_best_metric_on_resume_restarts_best_with_a_warning(tmp_path, record):
-    evals = ["--set", "eval.batch_size=64", "--set", "data.synthetic.eval_samples=64",
-             "--set", "train.best_metric=eval/synthetic/top1"]
-    first = train(tmp_path, *SAVES, *evals, "--set", "eval.every_steps=8")  # one evaluation: best is step-8
-    assert first.returncode == 0, first.stderr[-3000:]
-    root = checkpoints(tmp_path)
-    assert read_pointer(root / "best") == "step-8"
-    finished = train(tmp_path, *SAVES, *evals, "--set", "eval.every_steps=2", "--set", "train.best_mode=min",
+def test_a_changed_best_metric_on_resume_restarts_best_with_a_warning(run, tmp_path, record):
+    out = copy_run(run, tmp_path / "copy")
+    root = checkpoints(out)
+    assert read_pointer(root / "best") == "step-8"  # its only evaluation
+    finished = train(out, *EXPORTED, "--set", "eval.every_steps=2", "--set", "train.best_mode=min",
                      "--resume", str(root / "step-8"))
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert ("best pointed at step-8, chosen by ['eval/synthetic/top1', 'max']; restarting the best checkpoint by "
