@@ -1,6 +1,8 @@
 """What every command shares: the error guard, logging flags, the default DeepSpeed config and
 the weight flags."""
 import argparse
+import atexit
+import gc
 import sys
 from pathlib import Path
 from typing import Callable
@@ -60,6 +62,11 @@ def guarded(args: argparse.Namespace, command: Callable[[], int]) -> int:
     """Set up logging, then run a command; a user error becomes one line on stderr (from rank 0,
     or from every rank for a RankError) and exit status 2."""
     setup_logging(args.log_level)
+    # Interpreter shutdown runs the cyclic garbage collector over every object torch, transformers
+    # and DeepSpeed made (3-4 s a process here, so a launcher notices a failed rank that much later)
+    # for nothing: the process is ending. After the other exit handlers, they are put out of its reach.
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
     try:
         return command()
     except (UserError, FileNotFoundError) as e:
