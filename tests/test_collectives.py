@@ -132,7 +132,7 @@ def _loss_through_shared_memory(rank: int, backend) -> dict:
         return [loss.detach()] + [leaf.grad for leaf in leaves]
 
     sums, arrive = [], collectives.SharedExchange.arrive
-    collectives.SharedExchange.arrive = lambda self: (sums.append(1), arrive(self))  # once per collective here
+    collectives.SharedExchange.arrive = lambda self, kind: (sums.append(1), arrive(self, kind))  # once per collective here
     shared = loss_and_grads()
     comm.comm.cdb = backend.backend
     try:
@@ -172,7 +172,7 @@ def test_unequal_shards_raise_on_every_rank_and_the_exchange_goes_on(results):
 
 @pytest.mark.multiprocess
 def test_a_rank_that_never_comes_ends_the_wait_after_the_timeout_naming_it(results):
-    assert "rank 0 waited 1 s in a shared-memory collective" in results[0]["timeout"]
+    assert "rank 0 waited 1 s in a shared-memory all-gather" in results[0]["timeout"]
     assert "for rank(s) [1]" in results[0]["timeout"]
     assert 1.0 <= results[0]["timeout_after_s"] < 5.0
 

@@ -84,7 +84,8 @@ def _zero3(rank: int) -> dict:
     opt._get_norm_groups = both_norms
     sums = []
     # every shared-memory collective passes the exchange's arrival barrier once per round
-    collectives.SharedExchange.arrive = lambda self, real=collectives.SharedExchange.arrive: (sums.append(1), real(self))
+    collectives.SharedExchange.arrive = lambda self, kind, real=collectives.SharedExchange.arrive: (sums.append(1),
+                                                                                                 real(self, kind))
     losses, step_collectives = [], []
     for step in range(STEPS):
         loss = _loss(engine, *_batch(rank, step))

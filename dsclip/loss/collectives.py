@@ -158,16 +158,14 @@ class SharedExchange:
         self.turn ^= 1
         return self.halves[turn], self.headers[turn]
 
-    def _meet(self) -> None:
-        self.arrive()
-
     def kernel_sum(self, tensor: torch.Tensor) -> None:
         """DeepSpeed's shared-memory sum, entered only once every rank has arrived (see the class)."""
-        self.arrive()
+        self.arrive("all-reduce (DeepSpeed's kernel)")
         _kernel_sum(tensor)
 
-    def arrive(self) -> None:
-        """Count this rank in and wait, at most timeout_s, until every rank has counted in as often."""
+    def arrive(self, collective: str) -> None:
+        """Count this rank in and wait, at most timeout_s, until every rank has counted in as often;
+        `collective` (its kind) names it in the errors."""
         self.arrived += 1
         self.arrivals[self.rank * ARRIVAL_STRIDE] = self.arrived
         if all(self.arrivals[r * ARRIVAL_STRIDE] >= self.arrived for r in range(self.world)):
@@ -182,11 +180,11 @@ class SharedExchange:
             if now > next_look:  # a peer that died will never come: no need to wait out the timeout
                 gone = [r for r in late if not _alive(self.arrivals[r * ARRIVAL_STRIDE + 1])]
                 if gone:
-                    raise CollectiveTimeout(f"rank {self.rank} waited in a shared-memory collective (number "
+                    raise CollectiveTimeout(f"rank {self.rank} waited in a shared-memory {collective} (number "
                                             f"{self.arrived}) for rank(s) {gone}, whose process is gone")
                 next_look = now + PEER_LOOK_S
             if now - start > self.timeout_s:
-                raise CollectiveTimeout(f"rank {self.rank} waited {self.timeout_s:.0f} s in a shared-memory collective "
+                raise CollectiveTimeout(f"rank {self.rank} waited {self.timeout_s:.0f} s in a shared-memory {collective} "
                                         f"(number {self.arrived}) for rank(s) {late}, which hang")
             os.sched_yield()
 
@@ -200,7 +198,7 @@ class SharedExchange:
             half, headers = self._next_half()
             half[self.rank, :size].copy_(mine[start:start + size])
             headers[self.rank, 0] = n
-            self._meet()
+            self.arrive("all-gather")
             if start == 0 and bool((headers[:, 0] != n).any()):
                 raise UnequalShards(headers[:, 0].tolist())
             out[:, start:start + size].copy_(half[:, :size])
@@ -215,7 +213,7 @@ class SharedExchange:
         n = flat.numel() * flat.element_size()
         half, _ = self._next_half()
         half[self.rank, :n].copy_(flat.view(torch.uint8))
-        self._meet()
+        self.arrive("all-reduce")
         flat.copy_(_reduction(op)(half[:, :n].view(tensor.dtype)))
 
     def reduce_scatter(self, output: torch.Tensor, full: torch.Tensor) -> None:
@@ -230,7 +228,7 @@ class SharedExchange:
             used = self._next_half()[0][:, :self.world * per_block * full.element_size()]
             half = used.view(full.dtype).view(self.world, self.world, per_block)  # [source, block, :]
             half[self.rank, :, :size].copy_(blocks[:, start:start + size])
-            self._meet()
+            self.arrive("reduce-scatter")
             torch.sum(half[:, self.rank, :size], dim=0, out=out[start:start + size])
 
 
