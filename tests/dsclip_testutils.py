@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Optional
@@ -63,7 +64,9 @@ def ds_config(stage: int, tmp_path: Path) -> Path:
     if stage == 3:
         config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     path = tmp_path / f"zero{stage}.json"
-    path.write_text(json.dumps(config))
+    staged = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    staged.write_text(json.dumps(config))
+    staged.replace(path)  # atomic: a run started meanwhile (tests/faults runs two at a time) reads a whole file
     return path
 
 
@@ -78,11 +81,18 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 def node_launcher(nproc: int = 2) -> list[str]:
     """DeepSpeed's per-node launcher for `nproc` local ranks, the command `deepspeed --num_gpus N`
-    runs for a one-node job, called directly: the `deepspeed` command in front of it adds an
-    interpreter start-up (5 s here) and nothing else on one node (tests/test_signals.py covers it)."""
+    runs for a one-node job, called directly: the `deepspeed` command in front of it costs an
+    interpreter start-up (5 s here). What it changes on one node is only how a signal sent to it
+    alone is handled, which tests/test_signals.py tests through `runner_launcher`."""
     world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nproc))}).encode()).decode()
     return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
             "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+
+
+def runner_launcher(nproc: int = 2) -> list[str]:
+    """The `deepspeed --num_gpus N` command users run."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
+            str(free_port())]
 
 
 def launch(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ from dsclip.training.ds_config import load_ds_config
 from dsclip.training.loop import Trainer
 from dsclip.training.resume import resume_conflicts
 from dsclip_testutils import (REPO, ds_config, init_single_rank, launch, make_trainer, node_launcher,
-                              read_metrics, subprocess_env)
+                              read_metrics, runner_launcher, subprocess_env)
 
 # 2 ranks x 8 per rank, 80 samples: 5 steps per epoch, so interruptions land mid-epoch.
 RUN = ["--set", "train.max_steps=30", "--set", "optim.warmup_steps=3", "--set", "logging.log_every=1",
@@ -34,8 +34,8 @@ def losses_by_step(run_dir) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
 
 
-def start_launcher(out, tmp_path, *extra: str) -> subprocess.Popen:
-    cmd = [*node_launcher(2), str(REPO / "dsclip" / "train.py"), "--deepspeed_config", str(ds_config(3, tmp_path)),
+def start_launcher(out, tmp_path, *extra: str, via_runner: bool = False) -> subprocess.Popen:
+    cmd = [*(runner_launcher(2) if via_runner else node_launcher(2)), str(REPO / "dsclip" / "train.py"), "--deepspeed_config", str(ds_config(3, tmp_path)),
            "--output-dir", str(out), *RUN, *extra]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=subprocess_env())

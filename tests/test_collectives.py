@@ -99,6 +99,16 @@ def _compare(rank: int) -> dict:
         comm.reduce_scatter_fn(half_mine, half_full)
         results["reduce_scatter_bf16"] = torch.equal(half_mine, gloo_mine)
 
+    # Code paths that diverged: in the same round rank 0 gathers while rank 1 sums.
+    try:
+        if rank == 0:
+            backend.exchange.all_gather(torch.empty(WORLD * 4), torch.zeros(4))
+        else:
+            backend.exchange.all_reduce(torch.zeros(4), dist.ReduceOp.SUM)
+        results["mismatch"] = "no error"
+    except collectives.CollectiveMismatch as e:
+        results["mismatch"] = str(e)
+
     # Last, since it leaves the two ranks' arrival counts apart: rank 1 never comes to a gather.
     bounded = SharedExchange.open_on_all_ranks(total_bytes=1 << 16, timeout_s=1.0)
     if rank == 0:
@@ -168,6 +178,12 @@ def test_unequal_shards_raise_on_every_rank_and_the_exchange_goes_on(results):
     for rank_results in results:
         assert rank_results["unequal_shards"] == [40, 44]
         assert rank_results["all_gather_after_unequal"]
+
+
+@pytest.mark.multiprocess
+def test_ranks_meeting_from_different_collectives_fail_on_every_rank_naming_them(results):
+    for rank_results in results:
+        assert "from different collectives (rank 0: all-gather, rank 1: all-reduce)" in rank_results["mismatch"]
 
 
 @pytest.mark.multiprocess

@@ -36,9 +36,9 @@ def rank_processes(proc, world: int = 2, timeout: float = 240) -> dict[int, psut
 
 
 @contextmanager
-def launcher(out, tmp_path, *extra: str):
+def launcher(out, tmp_path, *extra: str, via_runner: bool = False):
     """start_launcher's run; whatever is left of its process group is SIGKILLed at the end."""
-    proc = start_launcher(out, tmp_path, *extra)
+    proc = start_launcher(out, tmp_path, *extra, via_runner=via_runner)
     try:
         yield proc
     finally:
@@ -118,7 +118,7 @@ def test_sigterm_under_the_deepspeed_launcher_saves_but_the_launcher_exits_non_z
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0  # the orphaned launch.py becomes our child
     try:
-        with launcher(out, tmp_path, "--set", "train.max_steps=100000") as proc:
+        with launcher(out, tmp_path, "--set", "train.max_steps=100000", via_runner=True) as proc:
             ranks = rank_processes(proc)
             node_launcher = psutil.Process(ranks[0].ppid())
             assert "deepspeed.launcher.launch" in node_launcher.cmdline()

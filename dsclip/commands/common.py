@@ -64,7 +64,9 @@ def guarded(args: argparse.Namespace, command: Callable[[], int]) -> int:
     setup_logging(args.log_level)
     # Interpreter shutdown runs the cyclic garbage collector over every object torch, transformers
     # and DeepSpeed made (3-4 s a process here, so a launcher notices a failed rank that much later)
-    # for nothing: the process is ending. After the other exit handlers, they are put out of its reach.
+    # for nothing: the process is ending. Exit handlers registered later than this one (W&B's,
+    # DataLoader workers') run first; then every object is put out of the collector's reach. dsclip
+    # closes its files explicitly, so none waits for a collection to be flushed.
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
     try:

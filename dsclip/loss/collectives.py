@@ -36,7 +36,8 @@ import torch.distributed as dist
 # collectives run in rounds of (this / 2 / world) bytes per rank.
 EXCHANGE_BYTES = 64 << 20
 HEADER_BYTES = 64  # per region: an all-gather's shard size (int64), padded to keep the data aligned
-ARRIVAL_STRIDE = 8  # int64s between two ranks' arrival counters: one cache line each
+ARRIVAL_STRIDE = 8  # int64s per rank (one cache line): arrival count, pid, the collective's kind by parity
+COLLECTIVE_KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-reduce (DeepSpeed's kernel)")
 DEFAULT_TIMEOUT_S = 600.0  # the bound on a wait for peers; the run passes train.collective_timeout_s
 
 
@@ -83,6 +84,11 @@ def _kernel_sum(tensor: torch.Tensor) -> None:
 
 class CollectiveTimeout(RuntimeError):
     """A rank waited longer than the timeout for its peers to reach a shared-memory collective."""
+
+
+class CollectiveMismatch(RuntimeError):
+    """Ranks met in the same round of the exchange from different collectives: their code paths
+    diverged (a dsclip bug or rank-dependent settings), and their data would be mixed up."""
 
 
 class UnequalShards(ValueError):
@@ -165,9 +171,20 @@ class SharedExchange:
 
     def arrive(self, collective: str) -> None:
         """Count this rank in and wait, at most timeout_s, until every rank has counted in as often;
-        `collective` (its kind) names it in the errors."""
+        then check that every rank came from the same kind of `collective`."""
         self.arrived += 1
+        # A peer can be one round ahead, never two (it waits for this rank there): the kind goes
+        # in the slot of this round's parity, written before the count.
+        kind_slot = 2 + self.arrived % 2
+        self.arrivals[self.rank * ARRIVAL_STRIDE + kind_slot] = COLLECTIVE_KINDS.index(collective)
         self.arrivals[self.rank * ARRIVAL_STRIDE] = self.arrived
+        self._wait_for_peers(collective)
+        kinds = [COLLECTIVE_KINDS[self.arrivals[r * ARRIVAL_STRIDE + kind_slot]] for r in range(self.world)]
+        if len(set(kinds)) > 1:
+            raise CollectiveMismatch(f"ranks met in shared-memory collective number {self.arrived} from different "
+                                     f"collectives ({', '.join(f'rank {r}: {k}' for r, k in enumerate(kinds))})")
+
+    def _wait_for_peers(self, collective: str) -> None:
         if all(self.arrivals[r * ARRIVAL_STRIDE] >= self.arrived for r in range(self.world)):
             return
         start = time.monotonic()

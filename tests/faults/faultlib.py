@@ -23,10 +23,10 @@ class Finished:
     def __init__(self, proc: subprocess.CompletedProcess, seconds: float):
         self.returncode, self.stdout, self.stderr, self.seconds = proc.returncode, proc.stdout, proc.stderr, seconds
 
-    def error_line(self) -> str:
+    def error_line(self, case: str = "") -> str:
         """The one `dsclip: error:` line of stderr (asserting there is exactly one, and no traceback)."""
         lines = [line for line in self.stderr.splitlines() if line.startswith("dsclip: error:")]
-        assert len(lines) == 1 and "Traceback" not in self.stderr, self.stderr[-3000:]
+        assert len(lines) == 1 and "Traceback" not in self.stderr, (case, self.stderr[-3000:])
         return lines[0]
 
 
@@ -96,12 +96,14 @@ def wait_until(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.01)
 
 
-def logged_steps(run_dir: Path) -> dict[int, float]:
-    """Per-step loss from metrics.jsonl (a step logged twice keeps its last value)."""
-    if not (run_dir / "metrics.jsonl").is_file():
-        return {}
+def metrics_lines(run_dir: Path) -> list[str]:
+    return (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
+
+
+def logged_steps(run_dir: Path, since: int = 0) -> dict[int, float]:
+    """Per-step loss from metrics.jsonl lines `since` on (a step logged twice keeps its last value)."""
     steps = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    for line in metrics_lines(run_dir)[since:]:
         try:
             record = json.loads(line)
         except ValueError:  # the line being written right now

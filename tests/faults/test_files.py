@@ -28,8 +28,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     (a timeline that diverged from `own`'s)."""
     base = tmp_path_factory.mktemp("base")
     finished = together(lambda: train(base / "own", *EXPORTED), lambda: train(base / "other", *SAVES, "--set", "seed=1"))
-    for result in finished:
-        assert result.returncode == 0, result.stderr[-3000:]
+    for name, result in zip(("own", "other"), finished):
+        assert result.returncode == 0, (name, result.stderr[-3000:])
     return {"own": base / "own", "other": base / "other"}
 
 
@@ -71,13 +71,18 @@ def test_a_planted_pickle_is_refused_without_trust(run, tmp_path, record):
                   for command in commands]
     results = together(*(lambda case=case: refuses(*case[2:]) for case in cases))
     for (place, file, command, _, _), finished in zip(cases, results):
-        line = finished.error_line()
-        assert finished.returncode == 2 and Path(file).name in line and "--trust-checkpoint" in line, (place, line)
+        line = finished.error_line(f"{place}, {command}")
+        assert finished.returncode == 2 and Path(file).name in line and "--trust-checkpoint" in line, (place, command,
+                                                                                                      line)
         record(f"a pickle that creates a file, as {place}", "refused without --trust-checkpoint; the file is "
                "never created", f"refused by {command} ({finished.seconds:.0f} s); no file", seconds=finished.seconds)
     assert not list(tmp_path.glob("pwned-*"))
-    trusted = dsclip("export", str(cases[0][3]), "--out", str(tmp_path / "export"), "--trust-checkpoint")
-    assert (tmp_path / "pwned-0").exists(), trusted.stderr[-2000:]  # the payload is real: trusted, it runs
+    # The payloads are real: trusted, each one runs (export reads every file a refusal above named).
+    folders = list(dict.fromkeys(case[3] for case in cases))
+    trusted = together(*(lambda n=n, folder=folder: dsclip("export", str(folder), "--out", str(tmp_path / f"trusted-{n}"),
+                                                           "--trust-checkpoint") for n, folder in enumerate(folders)))
+    for n, finished in enumerate(trusted):
+        assert (tmp_path / f"pwned-{n}").exists(), (list(PLANTED)[n], finished.stderr[-2000:])
 
 
 def test_a_pickle_planted_where_no_manifest_covers_it_is_refused_by_the_loader_itself(run, tmp_path, record):
@@ -92,8 +97,9 @@ def test_a_pickle_planted_where_no_manifest_covers_it_is_refused_by_the_loader_i
     results = together(lambda: resume(out),
                        lambda: dsclip("export", str(checkpoints(out) / "step-12"), "--out", str(tmp_path / "export")))
     for command, finished in zip(("resume", "export"), results):
-        line = finished.error_line()
-        assert finished.returncode == 2 and "holds pickled Python objects" in line and "--trust-checkpoint" in line
+        line = finished.error_line(command)
+        assert finished.returncode == 2 and "holds pickled Python objects" in line and "--trust-checkpoint" in line, \
+            (command, line)
         assert not sentinel.exists(), command
     record("a pickle that creates a file, as a ZeRO shard no manifest covers", "refused without --trust-checkpoint",
            "refused by DeepSpeed's own (forced weights-only) load; no file", seconds=finished.seconds)
@@ -107,7 +113,7 @@ def test_a_pickled_pretrained_file_and_a_torchscript_file_are_refused(tmp_path, 
     results = together(*(lambda name=name: train(tmp_path / name.replace(".", "-"), "--pretrained", str(tmp_path / name))
                          for name in files))
     for (name, what), finished in zip(files.items(), results):
-        line = finished.error_line()
+        line = finished.error_line(name)
         assert finished.returncode == 2 and name in line and "--trust-checkpoint" in line, line
         record(f"a pickle that creates a file, as {what}", "refused without --trust-checkpoint",
                "refused; no file", seconds=finished.seconds)
@@ -146,7 +152,7 @@ def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_file(run, tmp_path,
 
     results = together(*(lambda n=n, fault=fault: resume_damaged(n, fault) for n, fault in enumerate(DAMAGE)))
     for (fault, (_, name, message)), finished in zip(DAMAGE.items(), results):
-        line = finished.error_line()
+        line = finished.error_line(fault)
         assert finished.returncode == 2 and name in line and message in line, (fault, line)
         assert "step " not in finished.stdout, fault  # nothing trained: the error came before the engine loaded anything
         record(fault, "one-line error naming the file; nothing loaded half-way", f"exit 2: ...{message}...",

@@ -16,7 +16,7 @@ import torch
 
 from dsclip.model.run_folder import is_complete, read_pointer
 from dsclip_testutils import REPO, ds_config, free_port, launch, read_metrics
-from faultlib import TINY, ended_within, logged_steps, start_ranks, train, wait_until
+from faultlib import TINY, ended_within, logged_steps, metrics_lines, start_ranks, train, wait_until
 from generated_data import write_pairs_csv, write_shards
 from test_multinode import script_env, two_node_hostfile
 from test_signals import rank_processes
@@ -38,8 +38,7 @@ def straight(tmp_path_factory) -> dict[int, float]:
     return logged_steps(out / "default")
 
 
-def losses_match(out: Path, straight: dict[int, float], steps: range) -> None:
-    losses = logged_steps(out / "default")
+def losses_match(losses: dict[int, float], straight: dict[int, float], steps: range) -> None:
     for step in steps:
         assert abs(losses[step] - straight[step]) <= TOLERANCE, (step, losses[step], straight[step])
 
@@ -51,7 +50,7 @@ def resume_matches(out: Path, straight: dict[int, float]) -> tuple[int, str]:
     result = launch(["--deepspeed_config", str(ds_config(3, out.parent)), "--output-dir", str(out), *RUN,
                      "--resume", "latest"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    losses_match(out, straight, range(resumed_from + 1, 13))
+    losses_match(logged_steps(out / "default"), straight, range(resumed_from + 1, 13))
     return resumed_from, result.stdout + result.stderr
 
 
@@ -82,23 +81,28 @@ def test_a_run_killed_mid_step_and_in_each_phase_of_a_save_resumes_to_the_uninte
     lost = "whose process is gone; the run stops here", "a peer rank's process is gone or its node is down"
     assert seconds < 10 and any(line in output for line in lost), output[-3000:]
     assert read_pointer(root / "latest") == "step-5"
-    record("SIGKILL rank 1 mid-step (2 ranks, one node)", "all processes gone within 60 s, exit non-zero; "
-           "`--resume latest` matches an uninterrupted run (1e-5)",
-           f"gone in {seconds:.0f} s, exit {proc.returncode}; resumed step-5, losses match", seconds=seconds)
+    rows = [("SIGKILL rank 1 mid-step (2 ranks, one node)", "all processes gone within 60 s, exit non-zero; "
+             "`--resume latest` matches an uninterrupted run (1e-5)",
+             f"gone in {seconds:.0f} s, exit {proc.returncode}; resumed step-5, losses match", seconds)]
     after_a_save_crash = False
     for phase, (kill_at, left_complete) in SAVE_PHASES.items():
+        lines_before = len(metrics_lines(out / "default"))
         proc = start_ranks(out, *RUN, "--resume", "latest", fault=f"kill-at:{kill_at}")
         seconds, output = ended_within(proc, 240)
-        assert proc.returncode != 0 and read_pointer(root / "latest") == "step-5", output[-3000:]
-        assert is_complete(root / "step-8") == left_complete, (phase, output[-3000:])
+        assert proc.returncode != 0 and read_pointer(root / "latest") == "step-5", (phase, output[-3000:])
+        assert (root / "step-8").is_dir() and is_complete(root / "step-8") == left_complete, (phase, output[-3000:])
         assert after_a_save_crash == ("resuming step-5 of a run that went on to step-8" in output), output[-3000:]
-        losses_match(out, straight, range(6, 9))
-        record(f"SIGKILL during a save, {phase}", "`latest` names the previous complete checkpoint; resume works; "
-               "the partial folder is ignored with a warning", "latest stayed step-5; the next resume set step-8 "
-               "aside with a warning and matched", seconds=seconds)
+        this_run = logged_steps(out / "default", since=lines_before)
+        assert sorted(this_run) == [6, 7, 8], (phase, this_run)  # it resumed, trained to the save, died in it
+        losses_match(this_run, straight, range(6, 9))
+        rows.append((f"SIGKILL during a save, {phase}", "`latest` names the previous complete checkpoint; resume "
+                     "works; the partial folder is ignored with a warning", "latest stayed step-5; the next resume "
+                     "set step-8 aside with a warning and matched", seconds))
         after_a_save_crash = True
     resumed, output = resume_matches(out, straight)
     assert resumed == 5 and "resuming step-5 of a run that went on to step-8" in output, output[-3000:]
+    for fault, expected, result, seconds in rows:  # each row's resume checked
+        record(fault, expected, result, seconds=seconds)
 
 
 def test_sigterm_during_a_scheduled_evaluation_saves_first(tmp_path, record):
@@ -109,7 +113,7 @@ def test_sigterm_during_a_scheduled_evaluation_saves_first(tmp_path, record):
     wait_until(lambda: 4 in logged_steps(out / "default"), proc)  # logged just before the evaluation starts
     time.sleep(0.5)
     signalled = time.monotonic()
-    os.killpg(proc.pid, signal.SIGTERM)  # as SLURM does: every process of the job (the runner ends at once)
+    os.killpg(proc.pid, signal.SIGTERM)  # as SLURM does: every process of the job
     step_4 = out / "default" / "checkpoints" / "step-4"
     while not is_complete(step_4) and time.monotonic() - signalled < 60:
         time.sleep(0.01)
