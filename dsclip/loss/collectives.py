@@ -335,6 +335,17 @@ def _shared_memory_backend() -> Optional[SharedMemoryCollectives]:
     return backend if isinstance(backend, SharedMemoryCollectives) else None
 
 
+def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
+    """World all-reduce for dsclip's own per-step collectives (the stop flag, the logged loss, the
+    batch-size check): through shared memory once use_shared_memory() is in effect, so a hung peer
+    is named there as in every other collective of a step, else torch.distributed."""
+    shared = _shared_memory_backend()
+    if shared is not None:
+        shared.all_reduce(tensor, op)
+    else:
+        dist.all_reduce(tensor, op=op)
+
+
 def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor) -> None:
     """World all-gather, rank-major along dim 0, for dsclip's own collectives (the contrastive
     loss): through shared memory once use_shared_memory() is in effect, else torch.distributed."""

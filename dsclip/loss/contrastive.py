@@ -234,7 +234,7 @@ class TiledContrastiveLoss(nn.Module):
         if _world() == 1 or collectives.gather_checks_sizes(features):
             return
         sizes = torch.tensor([b, -b], device=features.device)
-        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+        collectives.all_reduce(sizes, op=dist.ReduceOp.MAX)
         if sizes[0].item() != b or -sizes[1].item() != b:
             raise unequal_batches(b, [b, int(sizes[0]), int(-sizes[1])])
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from dsclip import metric_keys as keys
 from dsclip.config import recorded
 from dsclip.errors import CollectiveError
+from dsclip.loss import collectives
 from dsclip.loss.collectives import CollectiveTimeout
 from dsclip.eval.forgetting import forgetting_report
 from dsclip.eval.tasks import EvaluationStopped, run_evals
@@ -229,7 +230,7 @@ class Trainer:
     def stop_agreed(self) -> bool:
         """All ranks stop at the same step if any rank got a stop signal (all-reduce of 1 int)."""
         flag = torch.tensor([int(self.stop.requested)], device=self.engine.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        collectives.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     # -- reporting --------------------------------------------------------------------------
@@ -239,7 +240,7 @@ class Trainer:
         # averaged over ranks and the unusable samples every rank has skipped so far.
         skipped = sum(self.data.skipped().values())
         totals = torch.stack([loss.float().to(self.engine.device), torch.tensor(float(skipped), device=self.engine.device)])
-        dist.all_reduce(totals)
+        collectives.all_reduce(totals)
         loss, skipped = totals[0].item() / dist.get_world_size(), int(totals[1].item())
         now = time.perf_counter()
         then, then_step = last_log
