@@ -179,10 +179,11 @@ class SharedExchange:
         self.arrivals[self.rank * ARRIVAL_STRIDE + kind_slot] = COLLECTIVE_KINDS.index(collective)
         self.arrivals[self.rank * ARRIVAL_STRIDE] = self.arrived
         self._wait_for_peers(collective)
-        kinds = [COLLECTIVE_KINDS[self.arrivals[r * ARRIVAL_STRIDE + kind_slot]] for r in range(self.world)]
+        kinds = [self.arrivals[r * ARRIVAL_STRIDE + kind_slot] for r in range(self.world)]
         if len(set(kinds)) > 1:
+            named = ", ".join(f"rank {r}: {COLLECTIVE_KINDS[k]}" for r, k in enumerate(kinds))
             raise CollectiveMismatch(f"ranks met in shared-memory collective number {self.arrived} from different "
-                                     f"collectives ({', '.join(f'rank {r}: {k}' for r, k in enumerate(kinds))})")
+                                     f"collectives ({named})")
 
     def _wait_for_peers(self, collective: str) -> None:
         if all(self.arrivals[r * ARRIVAL_STRIDE] >= self.arrived for r in range(self.world)):

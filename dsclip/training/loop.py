@@ -15,7 +15,6 @@ from dsclip import metric_keys as keys
 from dsclip.config import recorded
 from dsclip.errors import CollectiveError
 from dsclip.loss import collectives
-from dsclip.loss.collectives import CollectiveTimeout
 from dsclip.eval.forgetting import forgetting_report
 from dsclip.eval.tasks import EvaluationStopped, run_evals
 from dsclip.training import memory
@@ -35,7 +34,7 @@ PEER_FAILURES = (*LOST_PEER, "Timed out waiting", "NCCL")
 
 def is_peer_failure(error: RuntimeError) -> bool:
     """A collective that failed because another rank died or hangs (not a bug in this rank)."""
-    return (isinstance(error, (CollectiveTimeout, dist.DistError))
+    return (isinstance(error, (collectives.CollectiveTimeout, dist.DistError))
             or any(marker in str(error) for marker in PEER_FAILURES))
 
 
