@@ -25,7 +25,8 @@ from dsclip.commands.common import (DEFAULT_DS_CONFIG, add_ds_config, add_launch
 from dsclip.config import RunConfig, load_config  # noqa: E402
 
 
-def run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] = None) -> dict[str, float]:
+def run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] = None,
+        new_global_batch: bool = False) -> dict[str, float]:
     """Train (or resume) the run `cfg` describes on every rank; returns its final evaluation."""
     # Heavy imports only here, once the inputs are known to be good.
     from dsclip.training.bootstrap import start_process_group
@@ -34,7 +35,7 @@ def run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] = None)
 
     stop = StopSignals().install()
     start_process_group(cfg.train.collective_timeout_s)
-    trainer = Trainer(build_run(cfg, ds_config, resume), stop)
+    trainer = Trainer(build_run(cfg, ds_config, resume, new_global_batch), stop)
     metrics = trainer.train()
     if cfg.wise_ft.enabled and not trainer.stopped_by_signal:
         from dsclip.ensemble.wiseft import run_wise_ft
@@ -55,7 +56,11 @@ def parser() -> argparse.ArgumentParser:
     add_weight_flags(p, "initial weights (recipe key model.pretrained): open_clip tag, weights file, HF-style "
                      "folder, hf-hub:org/name or a dsclip run folder; a new schedule from step 0")
     p.add_argument("--resume", metavar="latest|PATH", help="continue a run exactly: model, optimizer, schedule, "
-                   "step, data position and RNG from 'latest' (this run's newest checkpoint) or a step-N folder")
+                   "step, data position and RNG from 'latest' (this run's newest checkpoint) or a step-N folder; "
+                   "the number of ranks, data.batch_size and train.grad_accum_steps may change if the global "
+                   "batch does not")
+    p.add_argument("--new-global-batch", action="store_true", help="with --resume: accept another global batch "
+                   "(the learning schedule stays the saved run's, set for the old batch)")
     add_log_level(p)
     add_launcher_rank(p)
     return p
@@ -74,7 +79,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         from dsclip.training.ds_config import load_ds_config
         cfg = load_config(args.recipe, overrides)
         ds_config = load_ds_config(args.deepspeed_config)
-        run(cfg, ds_config, args.resume)
+        run(cfg, ds_config, args.resume, args.new_global_batch)
         return 0
 
     return guarded(args, train)

@@ -257,13 +257,26 @@ def test_resume_refuses_what_changes_the_computation_and_accepts_logging_changes
     assert resumed.engine.global_steps == 4
 
 
-def test_resume_conflicts_name_fields_and_world_size():
-    saved = to_dict(load_config(None, []))
-    current = to_dict(load_config(None, ["freeze.strategy=lit", "logging.log_every=3"]))
+def test_resume_conflicts_name_fields_and_a_changed_global_batch():
+    saved = to_dict(load_config(None, ["data.batch_size=8"]))
+    current = to_dict(load_config(None, ["freeze.strategy=lit", "logging.log_every=3", "data.batch_size=8"]))
     conflicts = resume_conflicts(saved, current, saved_world=2, world=4)
     assert conflicts[0] == "freeze.strategy: 'full' -> 'lit'"
-    assert conflicts[1].startswith("world size: 2 -> 4")
-    assert len(conflicts) == 2
+    assert conflicts[1].startswith("global batch 16 (2 ranks x 8) -> 32 (4 ranks x 8): the learning schedule")
+    assert "--new-global-batch" in conflicts[1] and len(conflicts) == 2
+    assert resume_conflicts(saved, current, saved_world=2, world=4, new_global_batch=True) == conflicts[:1]
+
+
+def test_resume_accepts_another_layout_of_the_same_global_batch_except_for_shards():
+    saved = to_dict(load_config(None, ["data.batch_size=8"]))
+    for world, overrides in ((1, ["data.batch_size=16"]), (4, ["data.batch_size=4"]),
+                             (2, ["data.batch_size=4", "train.grad_accum_steps=2"])):
+        assert resume_conflicts(saved, to_dict(load_config(None, overrides)), saved_world=2, world=world) == []
+    shards = ["data.kind=webdataset", 'data.webdataset.urls=["/data/train-{000..009}.tar"]']
+    saved = to_dict(load_config(None, ["data.batch_size=8", *shards]))
+    conflicts = resume_conflicts(saved, to_dict(load_config(None, ["data.batch_size=16", *shards])), 2, 1)
+    assert len(conflicts) == 1 and "WebDataset shards are dealt to ranks" in conflicts[0]
+    assert "resume on 2 ranks with data.batch_size=8 and train.grad_accum_steps=1" in conflicts[0]
 
 
 def test_resume_latest_without_checkpoints_is_a_clear_error(tmp_path):

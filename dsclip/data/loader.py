@@ -1,6 +1,7 @@
 """The training data of one rank, whatever its kind, behind one resumable interface:
 `steps_per_epoch`, `epoch_batches(epoch)`, `at_epoch_end()`, `skipped()`, `state_dict()` /
 `load_state_dict()`. Every rank gets the same number of equal batches per epoch."""
+import logging
 from typing import Any, Callable, Iterator, Protocol, Union
 
 import torch
@@ -12,6 +13,7 @@ from dsclip.data.files import CsvDataset, FolderDataset
 from dsclip.data.shards import WebLoader, build_webdataset_loader
 from dsclip.errors import DataStallError
 
+log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (b, 3, h, w) float, tokens (b, context_length) long
 
 
@@ -29,17 +31,26 @@ class ModelInputs(Protocol):
 class EpochSampler(Sampler[int]):
     """This rank's share of a seeded per-epoch permutation, from a given batch on.
 
-    Every rank gets the same number of full batches (the ragged tail of the permutation is
-    dropped), so ranks stay in lockstep; `set_position` makes resuming mid-epoch exact.
+    The permutation is the same whatever the layout: global micro-batch m of an epoch is its
+    samples m*W*B .. (m+1)*W*B (W ranks of B), dealt round-robin to the ranks, so an optimizer
+    step of A micro-batches takes the same W*B*A samples on any number of ranks. Every rank gets
+    the same number of full batches and an epoch holds whole optimizer steps (the ragged tail of
+    the permutation is dropped), so ranks stay in lockstep; `set_position` makes resuming
+    mid-epoch exact.
     """
 
-    def __init__(self, size: int, batch_size: int, rank: int, world_size: int, seed: int):
+    def __init__(self, size: int, batch_size: int, rank: int, world_size: int, seed: int, accum: int = 1):
         self.size, self.batch_size, self.rank, self.world_size, self.seed = size, batch_size, rank, world_size, seed
-        self.batches_per_epoch = size // (world_size * batch_size)
+        self.batches_per_epoch = size // (world_size * batch_size * accum) * accum
         if self.batches_per_epoch == 0:
-            raise ValueError(f"data set of {size} samples is smaller than one global batch "
-                             f"({world_size} ranks x {batch_size}): lower data.batch_size or add data")
+            raise ValueError(f"data set of {size} samples is smaller than one global batch ({world_size} ranks x "
+                             f"{batch_size} x {accum} accumulated): lower data.batch_size or add data")
         self.epoch, self.start_batch = 0, 0
+
+    @property
+    def samples_per_batch(self) -> int:
+        """Samples one micro-batch takes over all ranks."""
+        return self.world_size * self.batch_size
 
     def set_position(self, epoch: int, batch: int) -> None:
         self.epoch, self.start_batch = epoch, batch
@@ -106,10 +117,19 @@ class IndexedEpochs:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batch": self.batch}
+        """The position in samples of the epoch taken by all ranks: it holds on another layout."""
+        return {"epoch": self.epoch, "samples": self.batch * self.sampler.samples_per_batch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.batch = state["epoch"], state["batch"]
+        self.epoch = state["epoch"]
+        if "samples" not in state:  # saved before 2026-12, always on the same layout
+            self.batch = state["batch"]
+            return
+        self.batch, again = divmod(state["samples"], self.sampler.samples_per_batch)
+        if again:  # only with a new global batch (train --new-global-batch): no whole micro-batch fits
+            self.batch, again = self.batch + 1, self.sampler.samples_per_batch - again
+            log.warning("the new global batch does not divide the %d samples seen in epoch %d: %d samples are "
+                        "skipped this epoch", state["samples"], self.epoch, again)
 
 
 class MapStyleData(IndexedEpochs):
@@ -117,8 +137,8 @@ class MapStyleData(IndexedEpochs):
     DataLoader workers when `num_workers` > 0."""
 
     def __init__(self, dataset: Union[CsvDataset, FolderDataset], batch_size: int, num_workers: int, rank: int,
-                 world_size: int, seed: int, timeout_s: float = 0.0):
-        super().__init__(EpochSampler(len(dataset), batch_size, rank, world_size, seed))
+                 world_size: int, seed: int, timeout_s: float = 0.0, accum: int = 1):
+        super().__init__(EpochSampler(len(dataset), batch_size, rank, world_size, seed, accum))
         self.dataset, self.rank, self.timeout_s = dataset, rank, timeout_s if num_workers > 0 else 0.0
         self.samples = SeededSamples(dataset, seed)
         self.loader = DataLoader(self.samples, batch_size=batch_size, sampler=self.sampler, drop_last=True,
@@ -150,8 +170,9 @@ class SyntheticData(IndexedEpochs):
 
     FIRST_CHUNK_BATCHES = 4
 
-    def __init__(self, samples: synthetic.SyntheticSet, batch_size: int, rank: int, world_size: int, seed: int):
-        super().__init__(EpochSampler(samples.size, batch_size, rank, world_size, seed))
+    def __init__(self, samples: synthetic.SyntheticSet, batch_size: int, rank: int, world_size: int, seed: int,
+                 accum: int = 1):
+        super().__init__(EpochSampler(samples.size, batch_size, rank, world_size, seed, accum))
         self.samples, self.batch_size = samples, batch_size
 
     def _batches(self, epoch: int) -> Iterator[Batch]:
@@ -194,7 +215,9 @@ class ShardData:
 TrainData = Union[MapStyleData, SyntheticData, ShardData]
 
 
-def build_train_data(cfg: DataConfig, model: ModelInputs, rank: int, world_size: int, seed: int) -> TrainData:
+def build_train_data(cfg: DataConfig, model: ModelInputs, rank: int, world_size: int, seed: int,
+                     accum: int = 1) -> TrainData:
+    """This rank's training data; `accum` micro-batches make one optimizer step."""
     if cfg.kind == "webdataset":
         return ShardData(build_webdataset_loader(
             cfg.webdataset, transform=model.train_transform, tokenizer=model.tokenizer, batch_size=cfg.batch_size,
@@ -202,9 +225,9 @@ def build_train_data(cfg: DataConfig, model: ModelInputs, rank: int, world_size:
     if cfg.kind == "synthetic":
         samples = synthetic.training_set(cfg.synthetic, seed, model.image_size, model.tokenizer,
                                          synthetic.Normalize(model.image_mean, model.image_std))
-        return SyntheticData(samples, cfg.batch_size, rank, world_size, seed)
+        return SyntheticData(samples, cfg.batch_size, rank, world_size, seed, accum)
     if cfg.kind == "csv":
         dataset = CsvDataset(cfg.csv, transform=model.train_transform, tokenizer=model.tokenizer)
     else:
         dataset = FolderDataset(cfg.folder, transform=model.train_transform, tokenizer=model.tokenizer)
-    return MapStyleData(dataset, cfg.batch_size, cfg.num_workers, rank, world_size, seed, cfg.worker_timeout_s)
+    return MapStyleData(dataset, cfg.batch_size, cfg.num_workers, rank, world_size, seed, cfg.worker_timeout_s, accum)

@@ -81,6 +81,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def seed_rng(seed: int, step: int, rank: int) -> None:
+    """Python's, numpy's and torch's RNG seeded from (seed, step, rank): a run resumed on another
+    number of ranks has no saved state for its ranks, but still draws the same numbers every time."""
+    derived = int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]) >> 1
+    random.seed(derived)
+    np.random.seed(derived % 2**32)
+    torch.manual_seed(derived)
+
+
 def describe(error: BaseException) -> str:
     """One line for an error met while handling checkpoint files."""
     if isinstance(error, UserError):
@@ -108,10 +117,11 @@ def rank0_decides(decide: Callable[[], T]) -> T:
 
 
 def agree_on_problems(problems: list[str]) -> None:
-    """Every rank's problems gathered; the first is raised on every rank (none: all go on)."""
+    """Every rank's problems gathered; the first is raised on every rank (none: all go on). A
+    problem every rank found (a recipe conflict) counts once."""
     every: list[Optional[list[str]]] = [None] * dist.get_world_size()
     dist.all_gather_object(every, problems)
-    raise_first([problem for rank_problems in every for problem in rank_problems or []])
+    raise_first(list(dict.fromkeys(problem for rank_problems in every for problem in rank_problems or [])))
 
 
 def owned_by(name: str) -> int:

@@ -21,7 +21,8 @@ from dsclip.training.checkpoint import CheckpointManager
 from dsclip.training.ds_config import for_run, precision
 from dsclip.training.engine import build_engine
 from dsclip.training.grad_cache import describe_contrastive_batch
-from dsclip.training.resume import find_resume_point, restore
+from dsclip.training.resume import RESHARDED, find_resume_point, restore
+from dsclip.training.universal import loading_config
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +41,20 @@ class RunParts:
     epoch: int  # the epoch training continues in (0 for a new run)
 
 
-def build_run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] = None) -> RunParts:
-    """Call on every rank once the process group exists (training/bootstrap.py)."""
+def build_run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] = None,
+              new_global_batch: bool = False) -> RunParts:
+    """Call on every rank once the process group exists (training/bootstrap.py). `new_global_batch`
+    lets a resume change the global batch (the schedule stays the saved run's)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    point = find_resume_point(resume, cfg, rank, world) if resume else None
+    point = find_resume_point(resume, cfg, rank, world, new_global_batch) if resume else None
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     bundle = build_model(cfg.model, load_weights=point is None)
     apply_strategy(cfg, bundle)
-    data = build_train_data(cfg.data, bundle, rank, world, cfg.seed)
+    data = build_train_data(cfg.data, bundle, rank, world, cfg.seed, cfg.train.grad_accum_steps)
     total_steps = cfg.train.max_steps or cfg.train.epochs * data.steps_per_epoch // cfg.train.grad_accum_steps
     ds = for_run(ds_config, cfg, world)
+    if point is not None and point.reshards_onto(world):
+        ds = loading_config(ds)
     engine = build_engine(bundle.module, ds, cfg.optim, total_steps)
     log.info("%s", describe_contrastive_batch(cfg.data.batch_size, cfg.train.grad_accum_steps, world,
                                               cfg.train.grad_cache))
@@ -57,8 +62,9 @@ def build_run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] =
     evals = build_evals(cfg.eval, bundle, cfg.data.synthetic, cfg.seed, loss_fn)
     epoch = 0
     if point is not None:
-        epoch = restore(engine, data, point)
-        log.info("resumed %s: step %d, epoch %d", point.tag, engine.global_steps, epoch)
+        epoch = restore(engine, data, point, cfg.seed, cfg.checkpoints_dir / RESHARDED)
+        log.info("resumed %s of %s: step %d from %d ranks onto %d ranks, epoch %d", point.tag, point.root,
+                 engine.global_steps, point.world_size, world, epoch)
     if rank == 0:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(recorded(cfg), sort_keys=False))

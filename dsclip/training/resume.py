@@ -1,47 +1,75 @@
 """Resuming a run exactly: find the checkpoint (rank 0 decides which, every rank verifies its share
-of the files), refuse one this run cannot continue (a setting that changes the computation,
-another world size), then restore the engine (model, optimizer, LR schedule, step), this rank's
-RNG and the data position."""
+of the files), refuse one this run cannot continue (a setting that changes the computation, a
+global batch the schedule was not set for), then restore the engine (model, optimizer, LR
+schedule, step), the RNG and the data position.
+
+The number of ranks, the micro-batch and the accumulation may change as long as the global batch
+does not: the engine's ZeRO shards are re-cut through DeepSpeed's universal checkpoint
+(training/universal.py), the data position is kept in samples of the epoch (data/loader.py), and
+ranks without a saved RNG state are seeded from (seed, step, rank).
+"""
+import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+import torch.distributed as dist
 
 from dsclip.config import RunConfig, flat_keys, recorded, redacted
 from dsclip.errors import CheckpointError
 from dsclip.model.run_folder import resolve_checkpoint, verify_checkpoint
 from dsclip.model.safe_files import LOAD_ERRORS, deepspeed_load_error, weights_only_loads
-from dsclip.training.checkpoint import agree_on_problems, describe, rank0_decides, read_rank_state, set_rng_state
+from dsclip.training import universal
+from dsclip.training.checkpoint import (agree_on_problems, describe, rank0_decides, read_rank_state, seed_rng,
+                                        set_rng_state)
+
+log = logging.getLogger(__name__)
 
 # Recipe keys a resumed run may change: they do not alter what is computed.
 RESUME_MAY_CHANGE = ("name", "output_dir", "logging.", "eval.", "train.save_every", "train.keep_last",
                      "train.export", "train.best_metric", "train.best_mode", "model.grad_checkpointing",
                      "model.activation_offload", "model.trust_checkpoint", "wise_ft.")
+# With the number of ranks, how a global batch is cut: free to change while the global batch holds.
+LAYOUT_KEYS = ("data.batch_size", "train.grad_accum_steps")
+RESHARDED = "resharded"  # <checkpoints>/resharded/step-N: a checkpoint converted for another world size
 
 
 @dataclass
 class ResumePoint:
     root: Path  # the checkpoints folder
     tag: str  # step-N
-    state: dict[str, Any]  # this rank's saved train state: epoch, data position, RNG, config, world size
+    state: dict[str, Any]  # the saved train state (this rank's, or rank 0's on another world size)
     trust: bool  # --trust-checkpoint: the files may be loaded with full unpickling
+    world_size: int  # the ranks of the run that saved it
+
+    def reshards_onto(self, world: int) -> bool:
+        return self.world_size != world
 
 
-def find_resume_point(spec: str, cfg: RunConfig, rank: int, world_size: int) -> ResumePoint:
+def find_resume_point(spec: str, cfg: RunConfig, rank: int, world_size: int,
+                      new_global_batch: bool = False) -> ResumePoint:
     """The checkpoint `spec` names (`latest` or a folder), verified and checked to continue this
-    run exactly. Call on every rank: an error is raised on all of them."""
+    run (exactly, unless `new_global_batch`). Call on every rank: an error is raised on all of them."""
     trust = cfg.model.trust_checkpoint
     root, tag = rank0_decides(lambda: resolve_checkpoint(spec, cfg.checkpoints_dir))
     agree_on_problems(this_ranks_problems(lambda: verify_checkpoint(root, tag, trust, rank, world_size)))
     state: dict[str, Any] = {}
 
     def read_and_compare() -> list[str]:
-        state.update(read_rank_state(root, tag, rank, trust))
-        conflicts = resume_conflicts(redacted(state["config"]), recorded(cfg), state["world_size"], world_size)
+        state.update(read_rank_state(root, tag, 0, trust))
+        if rank > 0 and state["world_size"] == world_size:  # this rank's own RNG state and position
+            state.update(read_rank_state(root, tag, rank, trust))
+        conflicts = resume_conflicts(redacted(state["config"]), recorded(cfg), state["world_size"], world_size,
+                                     new_global_batch)
         return [f"cannot resume {root / tag}: the run differs in " + "; ".join(conflicts)
                 + " (restore those settings, or start a new run with --pretrained)"] if conflicts else []
 
     agree_on_problems(this_ranks_problems(read_and_compare))
-    return ResumePoint(root, tag, state, trust)
+    point = ResumePoint(root, tag, state, trust, state["world_size"])
+    if rank == 0:
+        warn_about_layout(flat_keys(redacted(state["config"])), flat_keys(recorded(cfg)), point.world_size, world_size)
+    return point
 
 
 def this_ranks_problems(check: Callable[[], list[str]]) -> list[str]:
@@ -52,21 +80,71 @@ def this_ranks_problems(check: Callable[[], list[str]]) -> list[str]:
         return [describe(e)]
 
 
-def resume_conflicts(saved: dict[str, Any], current: dict[str, Any], saved_world: int, world: int) -> list[str]:
-    """Differences that make an exact continuation impossible, as 'key: saved -> now' lines."""
+def resume_conflicts(saved: dict[str, Any], current: dict[str, Any], saved_world: int, world: int,
+                     new_global_batch: bool = False) -> list[str]:
+    """Differences that make a continuation impossible, as 'key: saved -> now' lines."""
     flat_saved, flat_current = flat_keys(saved), flat_keys(current)
     conflicts = [f"{key}: {flat_saved.get(key)!r} -> {flat_current.get(key)!r}"
                  for key in sorted(set(flat_saved) | set(flat_current))
-                 if flat_saved.get(key) != flat_current.get(key) and not key.startswith(RESUME_MAY_CHANGE)]
-    if saved_world != world:
-        conflicts.append(f"world size: {saved_world} -> {world} (ZeRO shards are per rank; export the "
-                         "checkpoint and start a new run with --pretrained to change it)")
-    return conflicts
+                 if flat_saved.get(key) != flat_current.get(key) and not key.startswith(RESUME_MAY_CHANGE + LAYOUT_KEYS)]
+    return conflicts + layout_conflicts(flat_saved, flat_current, saved_world, world, new_global_batch)
 
 
-def restore(engine, data, point: ResumePoint) -> int:
-    """Engine state (model, optimizer, LR schedule, global step), this rank's RNG and the data
-    position of `point`; returns the epoch to continue."""
+def layout(flat: dict[str, Any], world: int) -> tuple[int, int, int]:
+    """(ranks, micro-batch per rank, micro-batches per step) of a flat recipe."""
+    return world, int(flat.get("data.batch_size", 0)), int(flat.get("train.grad_accum_steps", 1))
+
+
+def describe_layout(ranks: int, batch: int, accum: int) -> str:
+    return f"{ranks * batch * accum} ({ranks} ranks x {batch}" + (f" x {accum} accumulated)" if accum > 1 else ")")
+
+
+def layout_conflicts(flat_saved: dict[str, Any], flat_current: dict[str, Any], saved_world: int, world: int,
+                     new_global_batch: bool) -> list[str]:
+    saved, now = layout(flat_saved, saved_world), layout(flat_current, world)
+    if saved == now:
+        return []
+    change = f"global batch {describe_layout(*saved)} -> {describe_layout(*now)}"
+    if flat_current.get("data.kind") == "webdataset":
+        return [f"{change}: WebDataset shards are dealt to ranks and loader workers, so a shard position holds "
+                f"only on the layout that saved it; resume on {saved[0]} ranks with data.batch_size={saved[1]} "
+                f"and train.grad_accum_steps={saved[2]}"]
+    if saved[0] * saved[1] * saved[2] != now[0] * now[1] * now[2] and not new_global_batch:
+        return [f"{change}: the learning schedule was set for the saved global batch; keep it by changing "
+                "data.batch_size or train.grad_accum_steps with the number of ranks, or pass --new-global-batch "
+                "to go on with the saved schedule at the new batch"]
+    return []
+
+
+def warn_about_layout(flat_saved: dict[str, Any], flat_current: dict[str, Any], saved_world: int, world: int) -> None:
+    """What a permitted layout change does to the computation, said once."""
+    saved, now = layout(flat_saved, saved_world), layout(flat_current, world)
+    if saved[0] * saved[1] * saved[2] != now[0] * now[1] * now[2]:
+        log.warning("resuming with a new global batch, %s -> %s: the learning rate schedule (warmup, decay, "
+                    "total steps) is the saved run's, set for the old batch", describe_layout(*saved),
+                    describe_layout(*now))
+    elif saved[0] * saved[1] != now[0] * now[1] and not flat_current.get("train.grad_cache"):
+        log.warning("each micro-batch is contrasted within itself (train.grad_cache is off), and the micro-batch "
+                    "over all ranks changes from %d to %d: the loss is not the saved run's; train.grad_cache=true "
+                    "contrasts the whole global batch on any layout", saved[0] * saved[1], now[0] * now[1])
+
+
+def restore(engine, data, point: ResumePoint, seed: int, scratch: Path) -> int:
+    """Engine state (model, optimizer, LR schedule, global step), the RNG and the data position of
+    `point`; returns the epoch to continue. On another world size the checkpoint is converted into
+    `scratch` (a folder every rank sees; removed afterwards) and the ranks' RNG seeded afresh."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if point.reshards_onto(world):
+        load_resharded(engine, point, scratch)
+        seed_rng(seed, engine.global_steps, rank)
+    else:
+        load_same_layout(engine, point)
+        set_rng_state(point.state["rng"])
+    data.load_state_dict(point.state["data"])
+    return point.state["epoch"]
+
+
+def load_same_layout(engine, point: ResumePoint) -> None:
     try:
         with weights_only_loads(point.trust):
             load_path, _ = engine.load_checkpoint(str(point.root), tag=point.tag, load_optimizer_states=True,
@@ -75,6 +153,14 @@ def restore(engine, data, point: ResumePoint) -> int:
         raise deepspeed_load_error(point.root / point.tag, e) from None
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {point.root / point.tag}")
-    set_rng_state(point.state["rng"])
-    data.load_state_dict(point.state["data"])
-    return point.state["epoch"]
+
+
+def load_resharded(engine, point: ResumePoint, scratch: Path) -> None:
+    """Rank 0 converts the checkpoint (its files were verified); every rank loads its new shard."""
+    rank0_decides(lambda: universal.convert(point.root / point.tag, scratch / point.tag, point.trust))
+    try:
+        universal.load(engine, scratch, point.tag, point.trust)
+    except LOAD_ERRORS as e:
+        raise deepspeed_load_error(point.root / point.tag, e) from None
+    dist.barrier()  # every rank has read the converted files
+    rank0_decides(lambda: shutil.rmtree(scratch))
