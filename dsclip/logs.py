@@ -18,7 +18,9 @@ from typing import Iterable, Iterator, Optional, TypeVar
 
 LOGGER = "dsclip"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-NOTICES = ("Setting accelerator to CPU",)  # DeepSpeed warns so on every CPU-only start, at import
+# DeepSpeed warns so on every CPU-only start (at import), and on every universal checkpoint load
+# without tensor parallelism (dsclip has none).
+NOTICES = ("Setting accelerator to CPU", "MPU is not provided")
 
 T = TypeVar("T")
 

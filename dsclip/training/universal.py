@@ -49,7 +49,8 @@ def convert(source: Path, target: Path, trust: bool) -> None:
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     args = argparse.Namespace(input_folder=str(source), output_folder=str(target), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # ZeRO-1/2: the version record plain data parallel lacks
     with prints_as_debug("DeepSpeed"), contextlib.redirect_stderr(io.StringIO()), weights_only_loads(trust):
         ds_to_universal.main(args)  # its progress bars go to stderr, its notes to stdout
     write_frozen_parameters(source, target / UNIVERSAL_FOLDER, trust)
