@@ -131,6 +131,8 @@ def test_a_checkpoint_resumed_on_another_layout_continues_as_an_uninterrupted_ru
     assert min(step for step, _ in resumed["seen"]) == RESUMED_FROM + 1
 
     assert_groups_and_frozen_tower_kept(saved, resumed, pretrained)
+    resharded = resumed["dir"] / "default" / "checkpoints" / "resharded"  # the converted copy, on another world size
+    assert not resharded.exists() or not any(resharded.iterdir())
 
 
 def assert_groups_and_frozen_tower_kept(saved: dict, resumed: dict, pretrained: Path) -> None:

@@ -41,6 +41,7 @@ class EpochSampler(Sampler[int]):
 
     def __init__(self, size: int, batch_size: int, rank: int, world_size: int, seed: int, accum: int = 1):
         self.size, self.batch_size, self.rank, self.world_size, self.seed = size, batch_size, rank, world_size, seed
+        self.accum = accum
         self.batches_per_epoch = size // (world_size * batch_size * accum) * accum
         if self.batches_per_epoch == 0:
             raise ValueError(f"data set of {size} samples is smaller than one global batch ({world_size} ranks x "
@@ -66,7 +67,7 @@ class EpochSampler(Sampler[int]):
         return iter(self.indices().tolist())
 
     def __len__(self) -> int:
-        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+        return max(0, self.batches_per_epoch - self.start_batch) * self.batch_size
 
 
 class SeededSamples(Dataset):
@@ -121,15 +122,24 @@ class IndexedEpochs:
         return {"epoch": self.epoch, "samples": self.batch * self.sampler.samples_per_batch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = state["epoch"]
-        if "samples" not in state:  # saved before 2026-12, always on the same layout
-            self.batch = state["batch"]
-            return
-        self.batch, again = divmod(state["samples"], self.sampler.samples_per_batch)
-        if again:  # only with a new global batch (train --new-global-batch): no whole micro-batch fits
-            self.batch, again = self.batch + 1, self.sampler.samples_per_batch - again
-            log.warning("the new global batch does not divide the %d samples seen in epoch %d: %d samples are "
-                        "skipped this epoch", state["samples"], self.epoch, again)
+        """Continue after the samples `state` says the epoch has used, on this layout. With a new
+        global batch (train --new-global-batch) they may end inside a step: the rest of that step
+        is skipped, with a warning."""
+        step_samples = self.sampler.samples_per_batch * self.sampler.accum
+        steps, inside = divmod(state["samples"], step_samples)
+        if inside:
+            steps += 1
+            log.warning("the new global batch does not divide the %d samples epoch %d has used: the next %d are "
+                        "skipped", state["samples"], state["epoch"], step_samples - inside)
+        self.epoch, self.batch = state["epoch"], min(steps * self.sampler.accum, self.steps_per_epoch)
+
+
+def position_in_samples(state: dict[str, Any], saved_samples_per_batch: int) -> dict[str, Any]:
+    """A data position as IndexedEpochs saves it; one saved before 2026-12 counted the micro-batches
+    of the saved layout (ranks x micro-batch samples each)."""
+    if "batch" not in state:
+        return state
+    return {"epoch": state["epoch"], "samples": state["batch"] * saved_samples_per_batch}
 
 
 class MapStyleData(IndexedEpochs):

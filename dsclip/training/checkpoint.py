@@ -44,8 +44,8 @@ def rank_state_file(root: Path, tag: str, rank: int) -> Path:
 def read_rank_state(root: Path, tag: str, rank: int, trust: bool = False) -> dict[str, Any]:
     state_file = rank_state_file(root, tag, rank)
     if not state_file.is_file():
-        raise CheckpointError(f"{state_file} is missing: that checkpoint was written by fewer ranks than this run "
-                              "has; resume with the original number of ranks")
+        raise CheckpointError(f"{state_file} is missing: the checkpoint is incomplete; resume from an earlier "
+                              "step-N folder")
     try:
         return load_file(state_file, trust)
     except CheckpointError as e:

@@ -52,6 +52,8 @@ def build_run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] =
     apply_strategy(cfg, bundle)
     data = build_train_data(cfg.data, bundle, rank, world, cfg.seed, cfg.train.grad_accum_steps)
     total_steps = cfg.train.max_steps or cfg.train.epochs * data.steps_per_epoch // cfg.train.grad_accum_steps
+    if point is not None:  # the saved schedule's length, also under a new global batch
+        total_steps = point.state.get("total_steps", total_steps)
     ds = for_run(ds_config, cfg, world)
     if point is not None and point.reshards_onto(world):
         ds = loading_config(ds)

@@ -196,7 +196,8 @@ class Trainer:
         return metrics
 
     def save(self, metrics: dict[str, float]) -> str:
-        state = {"epoch": self.epoch, "data": self.data.state_dict(), "config": recorded(self.cfg)}
+        state = {"epoch": self.epoch, "data": self.data.state_dict(), "config": recorded(self.cfg),
+                 "total_steps": self.total_steps}
         return self.parts.checkpoints.save(self.engine, state, metrics)
 
     def finish(self, before: dict[str, float]) -> dict[str, float]:

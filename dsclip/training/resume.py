@@ -10,6 +10,7 @@ ranks without a saved RNG state are seeded from (seed, step, rank).
 """
 import logging
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +18,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 from dsclip.config import RunConfig, flat_keys, recorded, redacted
+from dsclip.data.loader import IndexedEpochs, position_in_samples
 from dsclip.errors import CheckpointError
 from dsclip.model.run_folder import resolve_checkpoint, verify_checkpoint
 from dsclip.model.safe_files import LOAD_ERRORS, deepspeed_load_error, weights_only_loads
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 # Recipe keys a resumed run may change: they do not alter what is computed.
 RESUME_MAY_CHANGE = ("name", "output_dir", "logging.", "eval.", "train.save_every", "train.keep_last",
                      "train.export", "train.best_metric", "train.best_mode", "model.grad_checkpointing",
-                     "model.activation_offload", "model.trust_checkpoint", "wise_ft.")
+                     "model.activation_offload", "model.trust_checkpoint", "train.collective_timeout_s", "wise_ft.")
 # With the number of ranks, how a global batch is cut: free to change while the global batch holds.
 LAYOUT_KEYS = ("data.batch_size", "train.grad_accum_steps")
 RESHARDED = "resharded"  # <checkpoints>/resharded/step-N: a checkpoint converted for another world size
@@ -41,10 +43,18 @@ class ResumePoint:
     tag: str  # step-N
     state: dict[str, Any]  # the saved train state (this rank's, or rank 0's on another world size)
     trust: bool  # --trust-checkpoint: the files may be loaded with full unpickling
-    world_size: int  # the ranks of the run that saved it
+
+    @property
+    def world_size(self) -> int:
+        """The ranks of the run that saved it."""
+        return self.state["world_size"]
 
     def reshards_onto(self, world: int) -> bool:
         return self.world_size != world
+
+    def data_position(self) -> dict[str, Any]:
+        saved_batch = self.state["config"]["data"]["batch_size"]
+        return position_in_samples(self.state["data"], self.world_size * saved_batch)
 
 
 def find_resume_point(spec: str, cfg: RunConfig, rank: int, world_size: int,
@@ -66,7 +76,7 @@ def find_resume_point(spec: str, cfg: RunConfig, rank: int, world_size: int,
                 + " (restore those settings, or start a new run with --pretrained)"] if conflicts else []
 
     agree_on_problems(this_ranks_problems(read_and_compare))
-    point = ResumePoint(root, tag, state, trust, state["world_size"])
+    point = ResumePoint(root, tag, state, trust)
     if rank == 0:
         warn_about_layout(flat_keys(redacted(state["config"])), flat_keys(recorded(cfg)), point.world_size, world_size)
     return point
@@ -132,7 +142,7 @@ def warn_about_layout(flat_saved: dict[str, Any], flat_current: dict[str, Any], 
 def restore(engine, data, point: ResumePoint, seed: int, scratch: Path) -> int:
     """Engine state (model, optimizer, LR schedule, global step), the RNG and the data position of
     `point`; returns the epoch to continue. On another world size the checkpoint is converted into
-    `scratch` (a folder every rank sees; removed afterwards) and the ranks' RNG seeded afresh."""
+    a folder under `scratch` (every rank sees it; removed afterwards) and the ranks' RNG seeded afresh."""
     rank, world = dist.get_rank(), dist.get_world_size()
     if point.reshards_onto(world):
         load_resharded(engine, point, scratch)
@@ -140,7 +150,7 @@ def restore(engine, data, point: ResumePoint, seed: int, scratch: Path) -> int:
     else:
         load_same_layout(engine, point)
         set_rng_state(point.state["rng"])
-    data.load_state_dict(point.state["data"])
+    data.load_state_dict(point.data_position() if isinstance(data, IndexedEpochs) else point.state["data"])
     return point.state["epoch"]
 
 
@@ -156,11 +166,29 @@ def load_same_layout(engine, point: ResumePoint) -> None:
 
 
 def load_resharded(engine, point: ResumePoint, scratch: Path) -> None:
-    """Rank 0 converts the checkpoint (its files were verified); every rank loads its new shard."""
-    rank0_decides(lambda: universal.convert(point.root / point.tag, scratch / point.tag, point.trust))
+    """Rank 0 converts the checkpoint (its files were verified) into a folder of its own under
+    `scratch`; every rank loads its new shard; rank 0 removes the folder, whatever happened."""
+    universal.check_supported(engine.zero_optimization_stage(), point.world_size, dist.get_world_size())
+    folder = None
     try:
-        universal.load(engine, scratch, point.tag, point.trust)
-    except LOAD_ERRORS as e:
-        raise deepspeed_load_error(point.root / point.tag, e) from None
-    dist.barrier()  # every rank has read the converted files
-    rank0_decides(lambda: shutil.rmtree(scratch))
+        folder = rank0_decides(lambda: convert_into(scratch, point))
+        agree_on_problems(this_ranks_problems(lambda: universal.missing_files(engine, folder, point.tag)))
+        try:
+            universal.load(engine, folder, point.tag, point.trust)
+        except LOAD_ERRORS as e:
+            raise deepspeed_load_error(point.root / point.tag, e) from None
+        agree_on_problems([])  # every rank is done reading before rank 0 removes the folder
+    finally:
+        if dist.get_rank() == 0 and folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def convert_into(scratch: Path, point: ResumePoint) -> Path:
+    """Rank 0: `point` converted into a new folder under `scratch` (a failed one removed); returns the folder."""
+    folder = scratch / f"{point.tag}-{uuid.uuid4().hex[:8]}"
+    try:
+        universal.convert(point.root / point.tag, folder / point.tag, point.trust)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder

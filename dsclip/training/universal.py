@@ -2,40 +2,47 @@
 format: rank 0 converts step-N once (deepspeed.checkpoint.ds_to_universal: every parameter's fp32
 weights and Adam moments whole, one file each), every rank's engine (built with
 "checkpoint": {"load_universal": true}) cuts its new shard out of them, and the converted copy is
-removed. DeepSpeed 0.19.8 gets four things wrong, put right here:
+removed. DeepSpeed 0.19.8 gets these wrong, put right here:
 
 - its converter and loader unpickle every file with weights_only=False: both run under
   weights_only_loads, in this process (one converter worker), so the untrusted-file rule holds;
-- ZeRO-3 keeps frozen parameters as per-rank fragments that the converter skips, and a universal
-  load reads no module weights: a frozen image tower would come back as the model's fresh
-  initialisation. The fragments are merged into the same per-parameter layout and copied into
-  the model one tensor at a time;
+- a universal load reads no module state: frozen parameters (which ZeRO-3 keeps as per-rank
+  fragments the converter skips) would come back as the model's fresh initialisation, and
+  buffers (BatchNorm statistics) too. Frozen fragments are merged into the converter's
+  per-parameter layout and copied in one tensor at a time; buffers come from rank 0's module state;
 - its ZeRO-3 loader copies param group 0's hyperparameters into every group, which would give
   every per-tower, layer-decay and no-decay group the first group's lr and weight decay: each
   group's own are restored from the saved optimizer state;
-- that loader also gives every group's Adam state one shared `step` tensor, which torch's AdamW
-  then advances once per group each step: from the second step on the bias correction is wrong
-  (the losses drift from an uninterrupted run's). Each group gets its own copy.
+- that loader also gives every group's Adam state one shared `step` tensor, on the host, which
+  torch's AdamW then advances once per group each step (from the second step on the bias
+  correction is wrong): each group gets its own, on its parameter's device.
+
+Its ZeRO-1/2 loader fails on a rank that holds no share of some parameter group (an IndexError,
+while the other ranks wait in a collective), so ZeRO-1/2 checkpoints are re-cut onto one rank only.
 """
 import argparse
 import contextlib
 import io
+import logging
 import shutil
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.checkpoint import ds_to_universal
-from deepspeed.checkpoint.constants import FROZEN_PARAM_FRAGMENTS, FROZEN_PARAM_SHAPES, PARAM, PARAM_GROUPS
 
 from dsclip.errors import CheckpointError
 from dsclip.logs import prints_as_debug
 from dsclip.model.safe_files import load_file, weights_only_loads
-from dsclip.training.checkpoint import owned_by
+from dsclip.training.checkpoint import SPACE_MARGIN, owned_by
+
+log = logging.getLogger(__name__)
 
 UNIVERSAL_FOLDER = "zero"  # where ds_to_universal writes <parameter name>/{fp32,exp_avg,exp_avg_sq}.pt
 OPTIMIZER_STATE = "optimizer_state.pt"  # its optimizer state without the per-rank tensors
+PARAM, PARAM_GROUPS = "param", "param_groups"  # keys of DeepSpeed's universal files (deepspeed.checkpoint.constants)
+FROZEN_SHAPES, FROZEN_FRAGMENTS = "frozen_param_shapes", "frozen_param_fragments"  # ZeRO-3 model states
+ZERO3_MODEL_STATES = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+ZERO12_MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 def loading_config(ds_config: dict) -> dict:
@@ -43,16 +50,31 @@ def loading_config(ds_config: dict) -> dict:
     return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 
+def check_supported(zero_stage: int, saved_world: int, world: int) -> None:
+    if zero_stage < 3 and world > 1:
+        raise CheckpointError(f"a ZeRO-{zero_stage} checkpoint saved on {saved_world} ranks resumes on {saved_world} "
+                              f"ranks or on 1, not on {world}: DeepSpeed 0.19.8 cannot re-cut ZeRO-1/2 optimizer "
+                              "state onto several ranks (use ZeRO-3 to change the number of ranks freely)")
+
+
 def convert(source: Path, target: Path, trust: bool) -> None:
     """Rank 0: `target` becomes the universal form of checkpoint folder `source` (a stale one is replaced)."""
+    from deepspeed.checkpoint import ds_to_universal
     if target.exists():
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    need = sum(f.stat().st_size for f in source.iterdir() if f.is_file()) * SPACE_MARGIN
+    free = shutil.disk_usage(target.parent).free
+    if free < need:
+        raise CheckpointError(f"{target.parent} has {free / 2**30:.2f} GiB free; re-cutting {source} for another "
+                              f"number of ranks needs about {need / 2**30:.2f} GiB there for a while: free space")
     args = argparse.Namespace(input_folder=str(source), output_folder=str(target), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True,
                               inject_missing_state=True)  # ZeRO-1/2: the version record plain data parallel lacks
-    with prints_as_debug("DeepSpeed"), contextlib.redirect_stderr(io.StringIO()), weights_only_loads(trust):
-        ds_to_universal.main(args)  # its progress bars go to stderr, its notes to stdout
+    progress = io.StringIO()
+    with prints_as_debug("DeepSpeed"), contextlib.redirect_stderr(progress), weights_only_loads(trust):
+        ds_to_universal.main(args)
+    log.debug("DeepSpeed's converter: %s", progress.getvalue().strip()[-2000:])
     write_frozen_parameters(source, target / UNIVERSAL_FOLDER, trust)
 
 
@@ -62,32 +84,48 @@ def write_frozen_parameters(source: Path, universal: Path, trust: bool) -> None:
     trainable ones. ZeRO-1/2 checkpoints hold whole weights, which the converter already wrote."""
     files = sorted(source.glob("*zero_pp_rank_*_mp_rank_00_model_states.pt"), key=lambda f: owned_by(f.name))
     states = [load_file(f, trust, mmap=True) for f in files]
-    shapes = (states[0].get(FROZEN_PARAM_SHAPES) or {}) if states else {}
+    shapes = (states[0].get(FROZEN_SHAPES) or {}) if states else {}
     for name, shape in shapes.items():
-        flat = torch.cat([state[FROZEN_PARAM_FRAGMENTS][name].reshape(-1) for state in states])
+        flat = torch.cat([state[FROZEN_FRAGMENTS][name].reshape(-1) for state in states])
         (universal / name).mkdir(parents=True, exist_ok=True)
         torch.save({PARAM: flat[:shape.numel()].reshape(shape).clone()}, universal / name / "fp32.pt")
 
 
+def frozen_parameters(engine) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, param) for name, param in engine.module.named_parameters() if not param.requires_grad]
+
+
+def missing_files(engine, root: Path, tag: str) -> list[str]:
+    """What `load` would miss in universal checkpoint root/tag: every rank checks before the load's
+    collectives begin, so that no rank fails inside one while the others wait."""
+    universal = root / tag / UNIVERSAL_FOLDER
+    needed = [universal / OPTIMIZER_STATE, module_states_file(root / tag)]
+    needed += [universal / name / "fp32.pt" for name, _ in frozen_parameters(engine)]
+    return [f"{file} is missing: the re-cut checkpoint is incomplete (is {root} on a filesystem every rank sees?)"
+            for file in needed if not file.is_file()][:1]
+
+
 def load(engine, root: Path, tag: str, trust: bool) -> None:
-    """Every rank: the engine state of universal checkpoint root/tag, with frozen parameters and
-    each param group's hyperparameters put back."""
+    """Every rank: the engine state of universal checkpoint root/tag, with frozen parameters,
+    buffers and each param group's hyperparameters and step count put back."""
+    folder, universal = root / tag, root / tag / UNIVERSAL_FOLDER
     with weights_only_loads(trust):
         load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
     if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load the resharded checkpoint {root / tag}")
-    universal = root / tag / UNIVERSAL_FOLDER
-    unshare_step_counts(engine.optimizer.optimizer.state)
+        raise CheckpointError(f"DeepSpeed could not load the re-cut checkpoint {folder}")
+    own_step_counts(engine.optimizer.optimizer.state)
     restore_param_groups(engine.optimizer.param_groups, load_file(universal / OPTIMIZER_STATE, trust)[PARAM_GROUPS])
-    restore_frozen_parameters(engine.module, universal, trust)
+    restore_buffers(engine.module, module_states_file(folder), trust)
+    restore_frozen_parameters(frozen_parameters(engine), universal, trust)
 
 
-def unshare_step_counts(state: dict) -> None:
-    """Each parameter's Adam state its own `step` tensor (the loader hands them all one)."""
-    for parameter_state in state.values():
+def own_step_counts(state: dict) -> None:
+    """Each parameter's Adam state its own `step` tensor, on the parameter's device (fused AdamW
+    wants it there; the loader hands them all one, on the host)."""
+    for param, parameter_state in state.items():
         if torch.is_tensor(parameter_state.get("step")):
-            parameter_state["step"] = parameter_state["step"].clone()
+            parameter_state["step"] = parameter_state["step"].to(param.device, copy=True)
 
 
 def restore_param_groups(groups: list[dict], saved: list[dict]) -> None:
@@ -99,17 +137,25 @@ def restore_param_groups(groups: list[dict], saved: list[dict]) -> None:
         group.update({key: value for key, value in saved_group.items() if key != "params"})
 
 
-def restore_frozen_parameters(module: torch.nn.Module, universal: Path, trust: bool) -> None:
+def module_states_file(folder: Path) -> Path:
+    zero3 = folder / ZERO3_MODEL_STATES.format(rank=0)
+    return zero3 if zero3.is_file() else folder / ZERO12_MODEL_STATES
+
+
+def restore_buffers(module: torch.nn.Module, model_states: Path, trust: bool) -> None:
+    """The module's saved buffers (whole on every rank: ZeRO partitions only parameters)."""
+    saved = load_file(model_states, trust, mmap=True)["module"]
+    for name, buffer in module.named_buffers():
+        if name in saved:
+            buffer.copy_(saved[name])
+
+
+def restore_frozen_parameters(frozen: list[tuple[str, torch.nn.Parameter]], universal: Path, trust: bool) -> None:
     """Frozen parameters from <universal>/<name>/fp32.pt, one at a time: under ZeRO-3 rank 0 fills
     the gathered tensor and DeepSpeed re-partitions it; otherwise every rank copies it."""
-    for name, param in module.named_parameters():
-        if param.requires_grad:
-            continue
-        file = universal / name / "fp32.pt"
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing: the checkpoint holds no weights for frozen parameter {name}")
+    import deepspeed
+    for name, param in frozen:
         partitioned = hasattr(param, "ds_id")
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if not partitioned or dist.get_rank() == 0:
-                saved = load_file(file, trust)
-                param.data.copy_(saved[PARAM] if isinstance(saved, dict) else saved)
+                param.data.copy_(load_file(universal / name / "fp32.pt", trust)[PARAM])
