@@ -9,7 +9,8 @@ import torch
 
 from dsclip.data.loader import EpochSampler, IndexedEpochs, position_in_samples
 from dsclip.errors import CheckpointError
-from dsclip.training.universal import check_supported, module_states_file, restore_buffers
+from dsclip.model.safe_files import load_file
+from dsclip.training.universal import check_supported, module_states_file, restore_buffers, saved_zero_stage
 
 SIZE, SEED = 88, 3  # 88 = 5 global batches of 16 and a ragged 8
 LAYOUTS = [(2, 8, 1), (1, 16, 1), (4, 4, 1), (2, 4, 2)]  # ranks, micro-batch, accumulation: 16 a step
@@ -76,11 +77,26 @@ def test_a_position_saved_in_micro_batches_before_2026_12_counts_the_saved_layou
     assert position_in_samples({"epoch": 2, "samples": 48}, 8) == {"epoch": 2, "samples": 48}
 
 
-def test_zero_1_and_2_checkpoints_re_cut_onto_one_rank_only():
-    check_supported(zero_stage=3, saved_world=2, world=4)
-    check_supported(zero_stage=2, saved_world=2, world=1)
-    with pytest.raises(CheckpointError, match="ZeRO-2 checkpoint saved on 2 ranks resumes on 2 ranks or on 1, not on 4"):
-        check_supported(zero_stage=2, saved_world=2, world=4)
+def test_zero_1_and_2_checkpoints_re_cut_onto_one_rank_only_and_no_stage_changes():
+    check_supported(saved_stage=3, engine_stage=3, saved_world=2, world=4)
+    check_supported(saved_stage=2, engine_stage=2, saved_world=2, world=1)
+    with pytest.raises(CheckpointError, match="ZeRO-1/2 checkpoint resumes on 1 rank or on the 2 it was saved on, "
+                                              "not on 4"):
+        check_supported(saved_stage=2, engine_stage=1, saved_world=2, world=4)
+    with pytest.raises(CheckpointError, match="saved under ZeRO-1/2, this run uses ZeRO-3: resume with the DeepSpeed"):
+        check_supported(saved_stage=2, engine_stage=3, saved_world=2, world=4)
+    with pytest.raises(CheckpointError, match="ZeRO-0 checkpoint resumes only on the 2 rank"):
+        check_supported(saved_stage=0, engine_stage=0, saved_world=2, world=1)
+
+
+def test_the_saved_zero_stage_and_model_states_file_come_from_the_checkpoints_files(tmp_path):
+    assert saved_zero_stage(tmp_path) == 0
+    (tmp_path / "mp_rank_00_model_states.pt").touch()
+    (tmp_path / "zero_pp_rank_1_mp_rank_00_optim_states.pt").touch()
+    assert saved_zero_stage(tmp_path) == 2 and module_states_file(tmp_path).name == "mp_rank_00_model_states.pt"
+    (tmp_path / "zero_pp_rank_0_mp_rank_00_model_states.pt").touch()
+    assert saved_zero_stage(tmp_path) == 3
+    assert module_states_file(tmp_path).name == "zero_pp_rank_0_mp_rank_00_model_states.pt"
 
 
 def test_buffers_come_back_from_the_saved_module_state(tmp_path):
@@ -90,7 +106,7 @@ def test_buffers_come_back_from_the_saved_module_state(tmp_path):
     trained(torch.randn(16, 3) * 5 + 2)  # moves the running statistics
     torch.save({"module": trained.state_dict()}, tmp_path / "mp_rank_00_model_states.pt")
     fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
-    restore_buffers(fresh, module_states_file(tmp_path), trust=False)
+    restore_buffers(fresh, load_file(module_states_file(tmp_path), trust=False)["module"])
     for (name, buffer), (_, saved) in zip(fresh.named_buffers(), trained.named_buffers()):
         assert torch.equal(buffer, saved), name
     assert not torch.equal(fresh[0].weight, trained[0].weight)  # parameters are the engine's business

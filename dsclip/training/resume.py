@@ -166,15 +166,24 @@ def load_same_layout(engine, point: ResumePoint) -> None:
 
 
 def load_resharded(engine, point: ResumePoint, scratch: Path) -> None:
-    """Rank 0 converts the checkpoint (its files were verified) into a folder of its own under
-    `scratch`; every rank loads its new shard; rank 0 removes the folder, whatever happened."""
-    universal.check_supported(engine.zero_optimization_stage(), point.world_size, dist.get_world_size())
-    folder = None
+    """Rank 0 converts the checkpoint (its files were verified) into a folder under `scratch`;
+    every rank checks and reads what the load needs before its collectives begin (so no rank
+    fails inside one while the others wait), then loads its new shard; rank 0 removes the folder."""
+    saved_stage = universal.saved_zero_stage(point.root / point.tag)
+    universal.check_supported(saved_stage, engine.zero_optimization_stage(), point.world_size, dist.get_world_size())
+    folder, extras = None, []
     try:
         folder = rank0_decides(lambda: convert_into(scratch, point))
-        agree_on_problems(this_ranks_problems(lambda: universal.missing_files(engine, folder, point.tag)))
+
+        def check_and_read() -> list[str]:
+            problems = universal.missing_files(engine, folder, point.tag)
+            if not problems:
+                extras.append(universal.read_extras(folder, point.tag, point.trust))
+            return problems
+
+        agree_on_problems(this_ranks_problems(check_and_read))
         try:
-            universal.load(engine, folder, point.tag, point.trust)
+            universal.load(engine, folder, point.tag, point.trust, extras[0])
         except LOAD_ERRORS as e:
             raise deepspeed_load_error(point.root / point.tag, e) from None
         agree_on_problems([])  # every rank is done reading before rank 0 removes the folder
@@ -184,7 +193,9 @@ def load_resharded(engine, point: ResumePoint, scratch: Path) -> None:
 
 
 def convert_into(scratch: Path, point: ResumePoint) -> Path:
-    """Rank 0: `point` converted into a new folder under `scratch` (a failed one removed); returns the folder."""
+    """Rank 0: `point` converted into a new folder under `scratch` (a failed one removed); returns
+    the folder. What a killed conversion left there is removed first: one run owns the folder."""
+    shutil.rmtree(scratch, ignore_errors=True)
     folder = scratch / f"{point.tag}-{uuid.uuid4().hex[:8]}"
     try:
         universal.convert(point.root / point.tag, folder / point.tag, point.trust)

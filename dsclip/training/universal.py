@@ -25,6 +25,7 @@ import contextlib
 import io
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,11 +51,25 @@ def loading_config(ds_config: dict) -> dict:
     return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 
-def check_supported(zero_stage: int, saved_world: int, world: int) -> None:
-    if zero_stage < 3 and world > 1:
-        raise CheckpointError(f"a ZeRO-{zero_stage} checkpoint saved on {saved_world} ranks resumes on {saved_world} "
-                              f"ranks or on 1, not on {world}: DeepSpeed 0.19.8 cannot re-cut ZeRO-1/2 optimizer "
-                              "state onto several ranks (use ZeRO-3 to change the number of ranks freely)")
+def saved_zero_stage(folder: Path) -> int:
+    """3, 2 (standing for 1 and 2) or 0, from the files of checkpoint `folder`."""
+    if any(folder.glob("*zero_pp_rank_*_mp_rank_00_model_states.pt")):
+        return 3
+    return 2 if any(folder.glob("*_optim_states.pt")) else 0
+
+
+def check_supported(saved_stage: int, engine_stage: int, saved_world: int, world: int) -> None:
+    """A one-line error for a re-cut this code cannot make, before anything is converted."""
+    saved_as = "ZeRO-3" if saved_stage == 3 else f"ZeRO-{saved_stage}" if saved_stage == 0 else "ZeRO-1/2"
+    if (saved_stage == 3) != (engine_stage == 3):
+        raise CheckpointError(f"the checkpoint was saved under {saved_as}, this run uses ZeRO-{engine_stage}: resume "
+                              "with the DeepSpeed config it was saved with")
+    if saved_stage == 0:
+        raise CheckpointError(f"a {saved_as} checkpoint resumes only on the {saved_world} rank(s) it was saved on")
+    if saved_stage < 3 and world > 1:
+        raise CheckpointError(f"a {saved_as} checkpoint resumes on 1 rank or on the {saved_world} it was saved on, not "
+                              f"on {world}: DeepSpeed 0.19.8 cannot re-cut ZeRO-1/2 optimizer state onto several "
+                              "ranks (use ZeRO-3 to change the number of ranks freely)")
 
 
 def convert(source: Path, target: Path, trust: bool) -> None:
@@ -63,7 +78,8 @@ def convert(source: Path, target: Path, trust: bool) -> None:
     if target.exists():
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    need = sum(f.stat().st_size for f in source.iterdir() if f.is_file()) * SPACE_MARGIN
+    # the converter holds every fragment and the merged files at once: about twice the source
+    need = sum(f.stat().st_size for f in source.iterdir() if f.is_file()) * 2 * SPACE_MARGIN
     free = shutil.disk_usage(target.parent).free
     if free < need:
         raise CheckpointError(f"{target.parent} has {free / 2**30:.2f} GiB free; re-cutting {source} for another "
@@ -96,28 +112,41 @@ def frozen_parameters(engine) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def missing_files(engine, root: Path, tag: str) -> list[str]:
-    """What `load` would miss in universal checkpoint root/tag: every rank checks before the load's
-    collectives begin, so that no rank fails inside one while the others wait."""
+    """What `load` would miss in universal checkpoint root/tag (every rank checks)."""
     universal = root / tag / UNIVERSAL_FOLDER
     needed = [universal / OPTIMIZER_STATE, module_states_file(root / tag)]
     needed += [universal / name / "fp32.pt" for name, _ in frozen_parameters(engine)]
+    needed += [universal / name / f"{state}.pt" for name, param in engine.module.named_parameters()
+               if param.requires_grad for state in ("fp32", "exp_avg", "exp_avg_sq")]
     return [f"{file} is missing: the re-cut checkpoint is incomplete (is {root} on a filesystem every rank sees?)"
             for file in needed if not file.is_file()][:1]
 
 
-def load(engine, root: Path, tag: str, trust: bool) -> None:
+@dataclass
+class ModuleExtras:
+    """What the universal load drops and `load` puts back, read before its collectives begin."""
+
+    param_groups: list[dict]
+    buffers: dict[str, torch.Tensor]
+
+
+def read_extras(root: Path, tag: str, trust: bool) -> ModuleExtras:
+    groups = load_file(root / tag / UNIVERSAL_FOLDER / OPTIMIZER_STATE, trust, mmap=True)[PARAM_GROUPS]
+    return ModuleExtras(groups, load_file(module_states_file(root / tag), trust, mmap=True)["module"])
+
+
+def load(engine, root: Path, tag: str, trust: bool, extras: ModuleExtras) -> None:
     """Every rank: the engine state of universal checkpoint root/tag, with frozen parameters,
     buffers and each param group's hyperparameters and step count put back."""
-    folder, universal = root / tag, root / tag / UNIVERSAL_FOLDER
     with weights_only_loads(trust):
         load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
     if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load the re-cut checkpoint {folder}")
+        raise CheckpointError(f"DeepSpeed could not load the re-cut checkpoint {root / tag}")
     own_step_counts(engine.optimizer.optimizer.state)
-    restore_param_groups(engine.optimizer.param_groups, load_file(universal / OPTIMIZER_STATE, trust)[PARAM_GROUPS])
-    restore_buffers(engine.module, module_states_file(folder), trust)
-    restore_frozen_parameters(frozen_parameters(engine), universal, trust)
+    restore_param_groups(engine.optimizer.param_groups, extras.param_groups)
+    restore_buffers(engine.module, extras.buffers)
+    restore_frozen_parameters(frozen_parameters(engine), root / tag / UNIVERSAL_FOLDER, trust)
 
 
 def own_step_counts(state: dict) -> None:
@@ -138,13 +167,13 @@ def restore_param_groups(groups: list[dict], saved: list[dict]) -> None:
 
 
 def module_states_file(folder: Path) -> Path:
+    """Rank 0's model-states file of checkpoint `folder` (ZeRO-3's name, else ZeRO-1/2's)."""
     zero3 = folder / ZERO3_MODEL_STATES.format(rank=0)
-    return zero3 if zero3.is_file() else folder / ZERO12_MODEL_STATES
+    return zero3 if saved_zero_stage(folder) == 3 else folder / ZERO12_MODEL_STATES
 
 
-def restore_buffers(module: torch.nn.Module, model_states: Path, trust: bool) -> None:
+def restore_buffers(module: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
     """The module's saved buffers (whole on every rank: ZeRO partitions only parameters)."""
-    saved = load_file(model_states, trust, mmap=True)["module"]
     for name, buffer in module.named_buffers():
         if name in saved:
             buffer.copy_(saved[name])
