@@ -130,7 +130,7 @@ class IndexedEpochs:
         if inside:
             steps += 1
             if self.sampler.rank == 0:
-                    log.warning("the new global batch does not divide the %d samples epoch %d has used: the next %d "
+                log.warning("the new global batch does not divide the %d samples epoch %d has used: the next %d "
                             "are skipped", state["samples"], state["epoch"], step_samples - inside)
         self.epoch, self.batch = state["epoch"], min(steps * self.sampler.accum, self.steps_per_epoch)
 

@@ -9,6 +9,7 @@ does not: the engine's ZeRO shards are re-cut through DeepSpeed's universal chec
 ranks without a saved RNG state are seeded from (seed, step, rank).
 """
 import logging
+import math
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -23,8 +24,8 @@ from dsclip.errors import CheckpointError
 from dsclip.model.run_folder import resolve_checkpoint, verify_checkpoint
 from dsclip.model.safe_files import LOAD_ERRORS, deepspeed_load_error, weights_only_loads
 from dsclip.training import universal
-from dsclip.training.checkpoint import (agree_on_problems, describe, rank0_decides, read_rank_state, seed_rng,
-                                        set_rng_state)
+from dsclip.training.checkpoint import (agree_on_problems, describe, rank0_decides, rank_state_file, read_rank_state,
+                                        seed_rng, set_rng_state)
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,11 @@ def find_resume_point(spec: str, cfg: RunConfig, rank: int, world_size: int,
     state: dict[str, Any] = {}
 
     def read_and_compare() -> list[str]:
-        state.update(read_rank_state(root, tag, 0, trust))
-        if rank > 0 and state["world_size"] == world_size:  # this rank's own RNG state and position
-            state.update(read_rank_state(root, tag, rank, trust))
+        # This rank's own state (RNG, position) where the saved run had this rank, else rank 0's.
+        own = rank_state_file(root, tag, rank).is_file()
+        state.update(read_rank_state(root, tag, rank if own else 0, trust))
+        if not own and state["world_size"] == world_size:  # the saved run had this rank: its file is gone
+            read_rank_state(root, tag, rank, trust)  # raises, naming it
         conflicts = resume_conflicts(redacted(state["config"]), recorded(cfg), state["world_size"], world_size,
                                      new_global_batch)
         return [f"cannot resume {root / tag}: the run differs in " + "; ".join(conflicts)
@@ -105,8 +108,13 @@ def layout(flat: dict[str, Any], world: int) -> tuple[int, int, int]:
     return world, int(flat.get("data.batch_size", 0)), int(flat.get("train.grad_accum_steps", 1))
 
 
+def global_batch(layout: tuple[int, int, int]) -> int:
+    return math.prod(layout)
+
+
 def describe_layout(ranks: int, batch: int, accum: int) -> str:
-    return f"{ranks * batch * accum} ({ranks} ranks x {batch}" + (f" x {accum} accumulated)" if accum > 1 else ")")
+    return (f"{global_batch((ranks, batch, accum))} ({ranks} ranks x {batch}"
+            + (f" x {accum} accumulated)" if accum > 1 else ")"))
 
 
 def layout_conflicts(flat_saved: dict[str, Any], flat_current: dict[str, Any], saved_world: int, world: int,
@@ -119,7 +127,7 @@ def layout_conflicts(flat_saved: dict[str, Any], flat_current: dict[str, Any], s
         return [f"{change}: WebDataset shards are dealt to ranks and loader workers, so a shard position holds "
                 f"only on the layout that saved it; resume on {saved[0]} ranks with data.batch_size={saved[1]} "
                 f"and train.grad_accum_steps={saved[2]}"]
-    if saved[0] * saved[1] * saved[2] != now[0] * now[1] * now[2] and not new_global_batch:
+    if global_batch(saved) != global_batch(now) and not new_global_batch:
         return [f"{change}: the learning schedule was set for the saved global batch; keep it by changing "
                 "data.batch_size or train.grad_accum_steps with the number of ranks, or pass --new-global-batch "
                 "to go on with the saved schedule at the new batch"]
@@ -129,7 +137,7 @@ def layout_conflicts(flat_saved: dict[str, Any], flat_current: dict[str, Any], s
 def warn_about_layout(flat_saved: dict[str, Any], flat_current: dict[str, Any], saved_world: int, world: int) -> None:
     """What a permitted layout change does to the computation, said once."""
     saved, now = layout(flat_saved, saved_world), layout(flat_current, world)
-    if saved[0] * saved[1] * saved[2] != now[0] * now[1] * now[2]:
+    if global_batch(saved) != global_batch(now):
         log.warning("resuming with a new global batch, %s -> %s: the learning rate schedule (warmup, decay, "
                     "total steps) is the saved run's, set for the old batch", describe_layout(*saved),
                     describe_layout(*now))

@@ -42,7 +42,8 @@ UNIVERSAL_FOLDER = "zero"  # where ds_to_universal writes <parameter name>/{fp32
 OPTIMIZER_STATE = "optimizer_state.pt"  # its optimizer state without the per-rank tensors
 PARAM, PARAM_GROUPS = "param", "param_groups"  # keys of DeepSpeed's universal files (deepspeed.checkpoint.constants)
 FROZEN_SHAPES, FROZEN_FRAGMENTS = "frozen_param_shapes", "frozen_param_fragments"  # ZeRO-3 model states
-ZERO3_MODEL_STATES = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # rank 0's
+ZERO3_MODEL_STATES_OF_EVERY_RANK = "*zero_pp_rank_*_mp_rank_00_model_states.pt"
 ZERO12_MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
@@ -53,7 +54,7 @@ def loading_config(ds_config: dict) -> dict:
 
 def saved_zero_stage(folder: Path) -> int:
     """3, 2 (standing for 1 and 2) or 0, from the files of checkpoint `folder`."""
-    if any(folder.glob("*zero_pp_rank_*_mp_rank_00_model_states.pt")):
+    if any(folder.glob(ZERO3_MODEL_STATES_OF_EVERY_RANK)):
         return 3
     return 2 if any(folder.glob("*_optim_states.pt")) else 0
 
@@ -73,10 +74,8 @@ def check_supported(saved_stage: int, engine_stage: int, saved_world: int, world
 
 
 def convert(source: Path, target: Path, trust: bool) -> None:
-    """Rank 0: `target` becomes the universal form of checkpoint folder `source` (a stale one is replaced)."""
+    """Rank 0: the new folder `target` becomes the universal form of checkpoint folder `source`."""
     from deepspeed.checkpoint import ds_to_universal
-    if target.exists():
-        shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     # the converter holds every fragment and the merged files at once: about twice the source
     need = sum(f.stat().st_size for f in source.iterdir() if f.is_file()) * 2 * SPACE_MARGIN
@@ -98,7 +97,7 @@ def write_frozen_parameters(source: Path, universal: Path, trust: bool) -> None:
     """Each frozen parameter of a ZeRO-3 checkpoint merged from its ranks' fragments (each rank held
     one flat slice, the last one padded) into <universal>/<name>/fp32.pt, as the converter writes
     trainable ones. ZeRO-1/2 checkpoints hold whole weights, which the converter already wrote."""
-    files = sorted(source.glob("*zero_pp_rank_*_mp_rank_00_model_states.pt"), key=lambda f: owned_by(f.name))
+    files = sorted(source.glob(ZERO3_MODEL_STATES_OF_EVERY_RANK), key=lambda f: owned_by(f.name))
     states = [load_file(f, trust, mmap=True) for f in files]
     shapes = (states[0].get(FROZEN_SHAPES) or {}) if states else {}
     for name, shape in shapes.items():
@@ -168,8 +167,7 @@ def restore_param_groups(groups: list[dict], saved: list[dict]) -> None:
 
 def module_states_file(folder: Path) -> Path:
     """Rank 0's model-states file of checkpoint `folder` (ZeRO-3's name, else ZeRO-1/2's)."""
-    zero3 = folder / ZERO3_MODEL_STATES.format(rank=0)
-    return zero3 if saved_zero_stage(folder) == 3 else folder / ZERO12_MODEL_STATES
+    return folder / (ZERO3_MODEL_STATES if saved_zero_stage(folder) == 3 else ZERO12_MODEL_STATES)
 
 
 def restore_buffers(module: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
