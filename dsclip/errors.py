@@ -52,3 +52,8 @@ class CheckpointSaveError(CheckpointError, RankError):
 
 class LossKernelError(UserError):
     """The Triton loss kernels disagree with their PyTorch twin on this device: use the twin."""
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first non-empty line, at most 200 characters."""
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)[:200]

@@ -173,7 +173,7 @@ def test_summary_counts_and_unlocked_layers():
 
 def test_summary_counts_full_size_of_zero3_partitioned_parameters():
     model = small_clip()
-    model.visual.proj.ds_numel = 10_000  # what deepspeed.zero.Init attaches to a sharded parameter
+    model.visual.proj.ds_shape = torch.Size([100, 100])  # what deepspeed.zero.Init attaches to a sharded parameter
     image = next(t for t in summarize_freeze(model).towers if t.tower == "image")
     assert image.total == sum(p.numel() for n, p in model.named_parameters() if n.startswith("visual.")) \
         - model.visual.proj.numel() + 10_000

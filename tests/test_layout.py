@@ -12,7 +12,7 @@ from dsclip_testutils import REPO
 # the first pattern a module name matches gives its layer.
 LAYERS = [
     ("base", ["dsclip", "dsclip.errors", "dsclip.logs", "dsclip.fileio", "dsclip.credentials", "dsclip.metric_keys",
-              "kernels", "kernels.*"]),
+              "dsclip.ranks", "kernels", "kernels.*"]),
     ("config", ["dsclip.*.config", "dsclip.config", "dsclip.data.templates", "dsclip.model.architectures"]),
     ("components", ["dsclip.model", "dsclip.model.*", "dsclip.data", "dsclip.data.*", "dsclip.loss", "dsclip.loss.*",
                     "dsclip.report", "dsclip.report.*"]),

@@ -13,7 +13,7 @@ from torch import nn
 
 from dsclip.errors import WiseFtError
 from dsclip.model.pos_embed import fit_pos_embeds
-from dsclip.model.pretrained import load_into, read_source
+from dsclip.model.pretrained import fit_state_dict, read_source
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def layout_differences(a: dict[str, tuple[tuple[int, ...], bool]],
 def load_endpoint(clip: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """`state_dict` in the model's own layout (conversions and position-embedding fit as for
     --pretrained), as a copy the sweep keeps; every model tensor must come from the source."""
-    incompatible = load_into(clip, state_dict, source)
+    incompatible = clip.load_state_dict(fit_state_dict(clip, state_dict, source), strict=False)
     if incompatible.missing_keys:
         raise WiseFtError(f"{source} lacks {len(incompatible.missing_keys)} tensors of this architecture "
                           f"({', '.join(incompatible.missing_keys[:MAX_LISTED])}): the mix would keep random values "

@@ -3,17 +3,24 @@ tokenizer, the engine-facing wrapper, and activation checkpointing."""
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import open_clip
 import torch
+import torch.distributed as dist
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
+from dsclip.errors import ConfigError
 from dsclip.logs import DropMessages, debug_enabled
 from dsclip.model.architectures import registered
 from dsclip.model.config import ModelConfig
 from dsclip.model.pretrained import load_pretrained
+from dsclip.model.zero_init import full_shape, partitioned_build
+
+log = logging.getLogger(__name__)
+# model.zero_init: null builds partitioned from this size: ViT-H-14 (986M) and up, not ViT-L-14 (428M)
+ZERO_INIT_MIN_PARAMETERS = 500_000_000
 
 
 class ContrastiveModel(nn.Module):
@@ -62,20 +69,54 @@ def _random_init_is_intended() -> Iterator[None]:
         root.removeFilter(drop)
 
 
-def build_model(cfg: ModelConfig, load_weights: bool = True) -> ModelBundle:
-    """Create the architecture and load `cfg.pretrained` into it (unless `load_weights` is False,
-    as when resuming), all before the DeepSpeed engine partitions it. Every rank reads the file."""
+def create_clip(cfg: ModelConfig, device: str = "cpu") -> nn.Module:
+    """The bare open_clip model of `cfg`, randomly initialised."""
     registered()
     with _random_init_is_intended():
-        clip = open_clip.create_model(
+        return open_clip.create_model(
             cfg.name,
             pretrained=None,
+            device=device,
             force_image_size=cfg.image_size,
             force_context_length=cfg.context_length,
             nonscalar_logit_scale=True,  # DeepSpeed cannot broadcast 0-dim parameters
             **{key: value for key, value in (("init_logit_scale", cfg.init_logit_scale),
                                              ("init_logit_bias", cfg.init_logit_bias)) if value is not None},
         )
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """Parameters of the architecture, counted on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        clip = create_clip(cfg, device="meta")
+    return sum(p.numel() for p in clip.parameters())
+
+
+def builds_partitioned(cfg: ModelConfig, zero_stage: int) -> bool:
+    """Whether to build under deepspeed.zero.Init: model.zero_init, or when it is null, ZeRO-3 and a
+    model of ZERO_INIT_MIN_PARAMETERS or more (a Hugging Face text tower never: it loads its own
+    weights inside transformers)."""
+    if cfg.zero_init is not None:
+        if cfg.zero_init and zero_stage != 3:
+            raise ConfigError(f"model.zero_init=true needs ZeRO stage 3, but the DeepSpeed config has stage "
+                              f"{zero_stage}: use ds_configs/zero3.json or set model.zero_init to null")
+        return cfg.zero_init
+    return zero_stage == 3 and not cfg.has_hf_text_tower() and parameter_count(cfg) >= ZERO_INIT_MIN_PARAMETERS
+
+
+def build_model(cfg: ModelConfig, load_weights: bool = True,
+                partitioned_by: Optional[dict[str, Any]] = None) -> ModelBundle:
+    """Create the architecture and load `cfg.pretrained` into it (unless `load_weights` is False,
+    as when resuming), all before the DeepSpeed engine exists. Given a resolved ZeRO-3 config
+    `partitioned_by`, the model is built already partitioned (zero.Init) and rank 0 alone reads the
+    weights; otherwise every rank builds it whole and reads the file."""
+    if partitioned_by is None:
+        clip = create_clip(cfg)
+    else:
+        with partitioned_build(partitioned_by):
+            clip = create_clip(cfg)
+        log.info("model built partitioned over %d ranks (deepspeed.zero.Init): %s parameters",
+                 dist.get_world_size(), f"{sum(full_shape(p).numel() for p in clip.parameters()):,}")
     if cfg.pretrained and load_weights:
         load_pretrained(clip, cfg.name, cfg.pretrained, trust=cfg.trust_checkpoint)
     configure_activation_checkpointing(clip, cfg)

@@ -21,6 +21,7 @@ class ModelConfig:
     init_logit_bias: Optional[float] = None  # add a learned logit bias with this initial value (SigLIP: -10)
     grad_checkpointing: bool = False  # recompute each transformer block in backward (open_clip's checkpointing)
     activation_offload: bool = False  # checkpoint blocks with fairscale, keeping saved inputs in host memory
+    zero_init: Optional[bool] = None  # build already partitioned under ZeRO-3 (deepspeed.zero.Init); null: on from 5e8 parameters
 
     def has_logit_bias(self) -> bool:
         return self.init_logit_bias is not None or "init_logit_bias" in architecture_config(self.name)
@@ -30,6 +31,13 @@ class ModelConfig:
         if self.grad_checkpointing and self.activation_offload:
             raise ValueError("model.grad_checkpointing and model.activation_offload are alternatives: "
                              "activation_offload already checkpoints every block; enable only one")
+        if self.zero_init and self.has_hf_text_tower():
+            raise ValueError(f"model.zero_init=true with {self.name}: its Hugging Face text tower loads its own "
+                             "weights inside transformers, after zero.Init would have partitioned it; set "
+                             "model.zero_init to false or null")
+
+    def has_hf_text_tower(self) -> bool:
+        return bool(architecture_config(self.name).get("text_cfg", {}).get("hf_model_name"))
 
 
 @dataclass

@@ -28,6 +28,7 @@ from torch import nn
 
 from dsclip.model.config import LOCKS_IMAGE, LOCKS_TEXT, FreezeConfig, Strategy, TextFreezeConfig
 from dsclip.model.partition import TOWERS, LayerPartition, Tower, layer_label
+from dsclip.model.zero_init import full_shape
 
 
 @dataclass
@@ -84,8 +85,7 @@ class FreezeSummary:
 
 
 def _numel(param: nn.Parameter) -> int:
-    # under deepspeed.zero.Init a parameter holds only its shard; ds_numel is the full size
-    return getattr(param, "ds_numel", param.numel())
+    return full_shape(param).numel()
 
 
 def _matches(name: str, patterns: list[str]) -> bool:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from dsclip.model.zero_init import full_shape
+
 logger = logging.getLogger(__name__)
 
 VISION_KEY = "visual.positional_embedding"
@@ -152,6 +154,5 @@ def fit_pos_embeds(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
     text = getattr(model, "text", model)
     model_pos = getattr(text, "positional_embedding", None)
     if model_pos is not None:
-        # under deepspeed.zero.Init a parameter holds only its shard; ds_shape is the full shape
-        out = resize_text_pos_embed(out, getattr(model_pos, "ds_shape", model_pos.shape)[0])
+        out = resize_text_pos_embed(out, full_shape(model_pos)[0])
     return out

@@ -9,7 +9,6 @@ import logging
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Optional
 
 import open_clip
 import torch
@@ -23,6 +22,8 @@ from dsclip.model.pos_embed import fit_pos_embeds
 from dsclip.model.run_folder import CHECKPOINTS, consolidated_state_dict, is_run_folder, resolve_checkpoint
 from dsclip.model.safe_files import TRUST_HINT, refusal
 from dsclip.model.weights import CONFIG_FILE, HF_WEIGHT_FILES
+from dsclip.model.zero_init import copy_into_partitions, expected_shapes, is_partitioned
+from dsclip.ranks import rank0_decides
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +31,35 @@ HF_PREFIX = "hf-hub:"
 
 
 def load_pretrained(clip: nn.Module, model_name: str, source: str, trust: bool = False) -> None:
-    """Load `source` into the bare open_clip model in place (before ZeRO partitions it)."""
-    state_dict = read_source(model_name, source, trust)
-    incompatible = load_into(clip, state_dict, source)
-    if incompatible.missing_keys:
-        log.warning("pretrained %s: %d parameters not in the file keep the weights the architecture was created with: %s", source,
-                    len(incompatible.missing_keys), ", ".join(incompatible.missing_keys[:8]))
-    if incompatible.unexpected_keys:
+    """Load `source` into the bare open_clip model in place, before the engine exists. Built whole,
+    every rank reads the file; built partitioned (zero.Init), rank 0 alone reads it and fills the
+    ranks' shards one gathered parameter at a time."""
+    if is_partitioned(clip):
+        state_dict: dict[str, torch.Tensor] = {}
+
+        def read() -> list[str]:
+            state_dict.update(fit_state_dict(clip, read_source(model_name, source, trust), source))
+            return list(state_dict)
+
+        names = rank0_decides(read, PretrainedError)
+        copy_into_partitions(clip, state_dict, names)
+    else:
+        state_dict = fit_state_dict(clip, read_source(model_name, source, trust), source)
+        names = list(state_dict)
+        clip.load_state_dict(state_dict, strict=False)
+    report_leftovers(clip, names, model_name, source)
+
+
+def report_leftovers(clip: nn.Module, names: list[str], model_name: str, source: str) -> None:
+    expected = expected_shapes(clip)
+    missing = [name for name in expected if name not in set(names)]
+    unexpected = [name for name in names if name not in expected]
+    if missing:
+        log.warning("pretrained %s: %d parameters not in the file keep the weights the architecture was created "
+                    "with: %s", source, len(missing), ", ".join(missing[:8]))
+    if unexpected:
         log.warning("pretrained %s: %d tensors in the file are not used by %s: %s", source,
-                    len(incompatible.unexpected_keys), model_name, ", ".join(incompatible.unexpected_keys[:8]))
+                    len(unexpected), model_name, ", ".join(unexpected[:8]))
 
 
 def read_source(model_name: str, source: str, trust: bool) -> dict[str, torch.Tensor]:
@@ -137,24 +158,24 @@ def is_torchscript(path: Path) -> bool:
         return any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
 
 
-def load_into(clip: nn.Module, state_dict: dict[str, torch.Tensor], source: str):
-    """open_clip's conversions (third-party layouts, custom-text naming, scalar vs 1-element
-    logit scale), position embeddings fitted to this model's grid and context, then a
-    non-strict load whose leftovers the caller reports."""
+def fit_state_dict(clip: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """`state_dict` made to fit the bare open_clip `clip`: open_clip's conversions (third-party
+    layouts, custom-text naming), scalar vs 1-element logit scale, position embeddings fitted to
+    this model's grid and context; a tensor whose shape still differs is an error."""
     state_dict = convert_state_dict(clip, state_dict)
     if "positional_embedding" in state_dict and not hasattr(clip, "positional_embedding"):
         state_dict = convert_to_custom_text_state_dict(state_dict)
+    shapes = expected_shapes(clip)
     for key in ("logit_scale", "logit_bias"):
-        target: Optional[torch.Tensor] = getattr(clip, key, None)
-        if key in state_dict and target is not None:
-            state_dict[key] = state_dict[key].reshape(target.shape)
+        if key in state_dict and key in shapes:
+            state_dict[key] = state_dict[key].reshape(shapes[key])
     state_dict = fit_pos_embeds(state_dict, clip)
-    if not set(state_dict) & set(clip.state_dict()):
+    if not set(state_dict) & set(shapes):
         raise PretrainedError(f"{source} shares no parameter names with {type(clip).__name__}: "
                               "not an open_clip / OpenAI CLIP state dict of this model")
-    try:
-        return clip.load_state_dict(state_dict, strict=False)
-    except RuntimeError as e:
-        mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
-        raise PretrainedError(f"{source} does not fit this architecture ({mismatch}): set model.name to the "
-                              "architecture the weights were trained with") from None
+    for name, tensor in state_dict.items():
+        if name in shapes and tensor.shape != shapes[name]:
+            raise PretrainedError(f"{source} does not fit this architecture (size mismatch for {name}: "
+                                  f"{tuple(tensor.shape)} in the file, {tuple(shapes[name])} in the model): "
+                                  "set model.name to the architecture the weights were trained with")
+    return state_dict

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import torch
 
-from dsclip.errors import CheckpointError
+from dsclip.errors import CheckpointError, first_line
 
 TRUST_HINT = "if you trust its origin, pass --trust-checkpoint (recipe: model.trust_checkpoint: true)"
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch's switch: weights_only=True whatever the caller passes
@@ -34,11 +34,6 @@ def deepspeed_checkpoint_classes() -> list[type]:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-
-def first_line(error: BaseException) -> str:
-    """An error's first non-empty line, at most 200 characters."""
-    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)[:200]
 
 
 def is_refusal(error: BaseException) -> bool:

@@ -16,21 +16,21 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from dsclip.config import RunConfig, from_dict
-from dsclip.errors import CheckpointError, CheckpointSaveError, UserError
+from dsclip.errors import CheckpointError, CheckpointSaveError
 from dsclip.fileio import atomic_write, atomic_write_text, sync_folder
 from dsclip.model.run_folder import (BEST, COMPLETE, LATEST, STEP_PREFIX, is_complete, raise_first, read_marker,
                                      read_pointer, step_tag, tag_step)
-from dsclip.model.safe_files import TRUST_HINT, first_line, load_file, seal
+from dsclip.model.safe_files import TRUST_HINT, load_file, seal
+from dsclip.ranks import describe, rank0_decides
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 BYTES_PER_PARAMETER = 16  # a first save's size: fp32 weights, two Adam moments, fp32 master
 SPACE_MARGIN = 1.2
 LOW_SPACE = 256 << 20  # bytes free below which a failed write is reported as a full disk
@@ -88,32 +88,6 @@ def seed_rng(seed: int, step: int, rank: int) -> None:
     random.seed(derived)
     np.random.seed(derived % 2**32)
     torch.manual_seed(derived)
-
-
-def describe(error: BaseException) -> str:
-    """One line for an error met while handling checkpoint files."""
-    if isinstance(error, UserError):
-        return str(error)
-    if isinstance(error, OSError):
-        return f"{error.filename}: {error.strerror}" if error.filename else str(error.strerror or error)
-    return f"{type(error).__name__}: {first_line(error)}"
-
-
-def rank0_decides(decide: Callable[[], T]) -> T:
-    """`decide()` run on rank 0 and its result given to every rank; any error there is raised on
-    every rank as one CheckpointError, so no rank is left waiting at the next collective."""
-    outcome: list[Any] = [None, None]
-    if dist.get_rank() == 0:
-        try:
-            outcome = [decide(), None]
-        except Exception as e:  # a bug too: every rank must leave, with the traceback logged here
-            if not isinstance(e, (UserError, OSError)):
-                log.exception("rank 0 failed while handling checkpoints")
-            outcome = [None, describe(e)]
-    dist.broadcast_object_list(outcome, src=0)
-    if outcome[1] is not None:
-        raise CheckpointError(outcome[1])
-    return outcome[0]
 
 
 def agree_on_problems(problems: list[str]) -> None:

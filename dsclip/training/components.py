@@ -14,12 +14,12 @@ from dsclip.config import RunConfig, recorded
 from dsclip.data.loader import TrainData, build_train_data
 from dsclip.eval.tasks import Evaluation, build_evals
 from dsclip.loss.contrastive import build_loss
-from dsclip.model.build import ModelBundle, build_model
+from dsclip.model.build import ModelBundle, build_model, builds_partitioned
 from dsclip.model.freeze import apply_freeze, check_lr, format_summary
 from dsclip.report.tracking import Tracker
 from dsclip.training.checkpoint import CheckpointManager
 from dsclip.training.ds_config import for_run, precision
-from dsclip.training.engine import build_engine
+from dsclip.training.engine import build_engine, zero_stage
 from dsclip.training.grad_cache import describe_contrastive_batch
 from dsclip.training.resume import RESHARDED, find_resume_point, restore
 from dsclip.training.universal import loading_config
@@ -47,14 +47,15 @@ def build_run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] =
     lets a resume change the global batch (the schedule stays the saved run's)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     point = find_resume_point(resume, cfg, rank, world, new_global_batch) if resume else None
+    ds = for_run(ds_config, cfg, world)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    bundle = build_model(cfg.model, load_weights=point is None)
+    partitioned = builds_partitioned(cfg.model, zero_stage(ds))
+    bundle = build_model(cfg.model, load_weights=point is None, partitioned_by=ds if partitioned else None)
     apply_strategy(cfg, bundle)
     data = build_train_data(cfg.data, bundle, rank, world, cfg.seed, cfg.train.grad_accum_steps)
     total_steps = cfg.train.max_steps or cfg.train.epochs * data.steps_per_epoch // cfg.train.grad_accum_steps
     if point is not None:  # the saved schedule's length, also under a new global batch
         total_steps = point.state.get("total_steps", total_steps)
-    ds = for_run(ds_config, cfg, world)
     if point is not None and point.reshards_onto(world):
         ds = loading_config(ds)
     engine = build_engine(bundle.module, ds, cfg.optim, total_steps)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dsclip.model.partition import LayerId, LayerPartition
+from dsclip.model.zero_init import full_shape
 from dsclip.training.config import LayerDecayConfig, OptimConfig
 from dsclip.training.ds_config import offloads_optimizer
 
@@ -31,7 +32,7 @@ def lr_factor(cfg: OptimConfig, step: int, total_steps: int) -> float:
 
 def excluded_from_decay(param: torch.Tensor) -> bool:
     """open_clip's rule: no decay for 1-D tensors (biases, norm gains, class token, logit scale)."""
-    return param.ndim < 2
+    return len(full_shape(param)) < 2  # a parameter partitioned by zero.Init is 1-D (its shard)
 
 
 def param_groups(clip: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:

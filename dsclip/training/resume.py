@@ -24,15 +24,16 @@ from dsclip.errors import CheckpointError
 from dsclip.model.run_folder import resolve_checkpoint, verify_checkpoint
 from dsclip.model.safe_files import LOAD_ERRORS, deepspeed_load_error, weights_only_loads
 from dsclip.training import universal
-from dsclip.training.checkpoint import (agree_on_problems, describe, rank0_decides, rank_state_file, read_rank_state,
-                                        seed_rng, set_rng_state)
+from dsclip.ranks import describe, rank0_decides
+from dsclip.training.checkpoint import agree_on_problems, rank_state_file, read_rank_state, seed_rng, set_rng_state
 
 log = logging.getLogger(__name__)
 
 # Recipe keys a resumed run may change: they do not alter what is computed.
 RESUME_MAY_CHANGE = ("name", "output_dir", "logging.", "eval.", "train.save_every", "train.keep_last",
                      "train.export", "train.best_metric", "train.best_mode", "model.grad_checkpointing",
-                     "model.activation_offload", "model.trust_checkpoint", "train.collective_timeout_s", "wise_ft.")
+                     "model.activation_offload", "model.trust_checkpoint", "model.zero_init",
+                     "train.collective_timeout_s", "wise_ft.")
 # With the number of ranks, how a global batch is cut: free to change while the global batch holds.
 LAYOUT_KEYS = ("data.batch_size", "train.grad_accum_steps")
 RESHARDED = "resharded"  # <checkpoints>/resharded/step-N: a checkpoint converted for another world size
