@@ -455,13 +455,42 @@ def grad_cache_summary() -> str:
             f"{d['load_after']:.1f} after){slope} (`bench/results/grad_cache.json`, plot `bench/results/grad_cache.png`).")
 
 
+# -- bench/zero_init.py: bench/results/zero_init.json ----------------------------------------------------
+def _mib(n: float) -> str:
+    return f"{n / 2 ** 20:,.0f} MiB"
+
+
+def zero_init_table() -> str:
+    d = load("zero_init.json")
+    rows = []
+    for row in d["rows"]:
+        whole = next(r for r in d["rows"] if r["model"] == row["model"] and not r["zero_init"])
+        rows.append([f"{row['model']} ({row['parameters'] / 1e6:.0f}M)", str(row["zero_init"]).lower(),
+                     _mib(row["private_peak_model"]), ratio(row["private_peak_model"] / whole["private_peak_model"]),
+                     _mib(row["bound_bytes"]), _mib(row["private_peak_engine"]), f"{row['seconds_engine']:.0f} s"])
+    return table(["model", "`model.zero_init`", "peak after the model, per rank", "vs built whole",
+                  "half + largest parameter", "peak after the engine, per rank", "start-up"], "llrrrrr", rows)
+
+
+def zero_init_summary() -> str:
+    d = load("zero_init.json")
+    big = d["computed"]
+    per_node = big["whole_per_rank_bytes"] * big["ranks"]
+    return (f"Measured {d['date']} with `python bench/zero_init.py` ({d['args']['ranks']} CPU ranks, random init, fp32, "
+            f"1-minute load {d['load_before']:.1f} before and {d['load_after']:.1f} after; `bench/results/zero_init.json`). "
+            f"Computed by the same script for {big['model']} ({big['parameters'] / 1e9:.2f}B parameters) on a node of "
+            f"{big['ranks']} ranks: built whole, {big['whole_per_rank_bytes'] / 2 ** 30:.1f} GiB per rank "
+            f"({per_node / 2 ** 30:.0f} GiB per node) before the engine; partitioned, "
+            f"{big['partitioned_per_rank_bytes'] / 2 ** 30:.2f} GiB per rank.")
+
+
 BLOCKS: dict[str, Callable[[], str]] = {f.__name__: f for f in [
     default_run_table, default_run_median, default_run_slow_windows, default_run_summary,
     train_table, zero3_repeats_summary, train_ckpt_table, scaling_table,
     loss_conditions, loss_table, loss_largest_batch, loss_speed,
     data_table, data_ratio,
     wiseft_table, wiseft_summary, wiseft_stage_times,
-    test_tiers, grad_cache_table, grad_cache_summary, faults_table,
+    test_tiers, grad_cache_table, grad_cache_summary, faults_table, zero_init_table, zero_init_summary,
 ]}
 
 

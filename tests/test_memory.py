@@ -95,23 +95,30 @@ def test_peak_rss_rises_past_the_old_peak_with_a_touched_allocation():
 KEEP_FREED = """
 import torch
 from dsclip.training import memory
-from dsclip.training.bootstrap import keep_freed_host_memory
+from dsclip.training.bootstrap import freed_host_memory_returned, keep_freed_host_memory
 MB = 2 ** 20
-def freed_and_still_resident():
+def freed_and_still_resident(mb=128):
     before = memory.rss_bytes()
-    block = torch.ones(128 * MB // 4)  # above glibc's largest default mmap threshold (32 MB)
+    block = torch.ones(mb * MB // 4)  # above glibc's largest default mmap threshold (32 MB)
     del block
     return (memory.rss_bytes() - before) // MB
-print(freed_and_still_resident(), keep_freed_host_memory(), freed_and_still_resident())
+default = freed_and_still_resident()
+applied = keep_freed_host_memory()
+kept = freed_and_still_resident()
+with freed_host_memory_returned():
+    returned = freed_and_still_resident()
+print(default, applied, kept, returned, freed_and_still_resident(256))
 """
 
 
 @pytest.mark.multiprocess  # spawns processes; kept out of the quick tier
-def test_glibc_keeps_freed_host_memory_once_asked():
+def test_glibc_keeps_freed_host_memory_once_asked_and_returns_it_while_the_model_is_built():
     import subprocess
     import sys
     out = subprocess.run([sys.executable, "-c", KEEP_FREED], capture_output=True, text=True, check=True).stdout
-    default_mb, applied, kept_mb = out.split()
+    default_mb, applied, kept_mb, returned_mb, kept_again_mb = out.split()
     assert applied == "True"
     assert int(default_mb) < 16  # by default a freed 128 MB block goes straight back to the OS
     assert int(kept_mb) >= 120  # now it stays for the next step's allocations
+    assert int(returned_mb) < 16  # not while the model is built (freed_host_memory_returned)
+    assert int(kept_again_mb) >= 120  # and kept again after: 256 MB reuse the kept 128 and keep 128 more

@@ -17,6 +17,7 @@ from dsclip.loss.contrastive import build_loss
 from dsclip.model.build import ModelBundle, build_model, builds_partitioned
 from dsclip.model.freeze import apply_freeze, check_lr, format_summary
 from dsclip.report.tracking import Tracker
+from dsclip.training.bootstrap import freed_host_memory_returned
 from dsclip.training.checkpoint import CheckpointManager
 from dsclip.training.ds_config import for_run, precision
 from dsclip.training.engine import build_engine, zero_stage
@@ -50,7 +51,8 @@ def build_run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] =
     ds = for_run(ds_config, cfg, world)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     partitioned = builds_partitioned(cfg.model, zero_stage(ds))
-    bundle = build_model(cfg.model, load_weights=point is None, partitioned_by=ds if partitioned else None)
+    with freed_host_memory_returned():
+        bundle = build_model(cfg.model, load_weights=point is None, partitioned_by=ds if partitioned else None)
     apply_strategy(cfg, bundle)
     data = build_train_data(cfg.data, bundle, rank, world, cfg.seed, cfg.train.grad_accum_steps)
     total_steps = cfg.train.max_steps or cfg.train.epochs * data.steps_per_epoch // cfg.train.grad_accum_steps

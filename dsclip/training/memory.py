@@ -91,6 +91,12 @@ def rss_bytes() -> int:
     return _status_kib("VmRSS") * 1024
 
 
+def shared_rss_bytes() -> int:
+    """Resident shared memory of this process now (RssShmem: /dev/shm mappings such as the CPU
+    collectives' exchange, counted in every process that touched them)."""
+    return _status_kib("RssShmem") * 1024
+
+
 def reset_peak_rss() -> int:
     """Start a new peak (VmHWM := VmRSS, Linux) after handing freed heap back to the system, so
     that memory reused from the heap is not invisible to the next peak; returns the RSS now."""
