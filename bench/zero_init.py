@@ -46,16 +46,13 @@ BIG_RANKS = 8  # ranks on one node of the computed row
 
 def start_up(model: str, zero_init: bool, world: int) -> Iterator[str]:
     """The model and the engine, as a run builds them (components.build_run), random init."""
-    from dsclip.model.build import build_model
-    from dsclip.training.bootstrap import freed_host_memory_returned
     from dsclip.training.ds_config import for_run, load_ds_config
-    from dsclip.training.engine import build_engine
+    from dsclip.training.engine import build_engine, build_model_for
 
     cfg = load_config(None, [f"model.name={model}", f"model.zero_init={str(zero_init).lower()}", "data.batch_size=2"])
     ds = for_run(load_ds_config(str(REPO / "ds_configs" / "zero3.json")), cfg, world)
     torch.manual_seed(cfg.seed)
-    with freed_host_memory_returned():
-        bundle = build_model(cfg.model, partitioned_by=ds if zero_init else None)
+    bundle = build_model_for(cfg.model, ds)
     yield "model"
     build_engine(bundle.module, ds, cfg.optim, total_steps=10)
     yield "engine"

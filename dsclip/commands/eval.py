@@ -65,14 +65,13 @@ def evaluate(cfg: RunConfig, ds_config: dict, out: Optional[Path]) -> dict[str, 
 
     from dsclip.eval.tasks import build_evals, run_evals
     from dsclip.loss.contrastive import build_loss
-    from dsclip.model.build import build_model
     from dsclip.training.bootstrap import start_process_group
     from dsclip.training.ds_config import for_run, precision
-    from dsclip.training.engine import build_inference_engine
+    from dsclip.training.engine import build_inference_engine, build_model_for
 
     start_process_group(cfg.train.collective_timeout_s)
-    bundle = build_model(cfg.model)
     ds = for_run(ds_config, cfg, dist.get_world_size())
+    bundle = build_model_for(cfg.model, ds)
     engine = build_inference_engine(bundle.module, ds)
     evals = build_evals(cfg.eval, bundle, cfg.data.synthetic, cfg.seed, build_loss(cfg.loss))
     metrics = run_evals(evals, engine, engine.device, precision(ds))

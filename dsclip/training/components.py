@@ -14,13 +14,12 @@ from dsclip.config import RunConfig, recorded
 from dsclip.data.loader import TrainData, build_train_data
 from dsclip.eval.tasks import Evaluation, build_evals
 from dsclip.loss.contrastive import build_loss
-from dsclip.model.build import ModelBundle, build_model, builds_partitioned
+from dsclip.model.build import ModelBundle
 from dsclip.model.freeze import apply_freeze, check_lr, format_summary
 from dsclip.report.tracking import Tracker
-from dsclip.training.bootstrap import freed_host_memory_returned
 from dsclip.training.checkpoint import CheckpointManager
 from dsclip.training.ds_config import for_run, precision
-from dsclip.training.engine import build_engine, zero_stage
+from dsclip.training.engine import build_engine, build_model_for
 from dsclip.training.grad_cache import describe_contrastive_batch
 from dsclip.training.resume import RESHARDED, find_resume_point, restore
 from dsclip.training.universal import loading_config
@@ -50,9 +49,7 @@ def build_run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] =
     point = find_resume_point(resume, cfg, rank, world, new_global_batch) if resume else None
     ds = for_run(ds_config, cfg, world)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    partitioned = builds_partitioned(cfg.model, zero_stage(ds))
-    with freed_host_memory_returned():
-        bundle = build_model(cfg.model, load_weights=point is None, partitioned_by=ds if partitioned else None)
+    bundle = build_model_for(cfg.model, ds, load_weights=point is None)
     apply_strategy(cfg, bundle)
     data = build_train_data(cfg.data, bundle, rank, world, cfg.seed, cfg.train.grad_accum_steps)
     total_steps = cfg.train.max_steps or cfg.train.epochs * data.steps_per_epoch // cfg.train.grad_accum_steps

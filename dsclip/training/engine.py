@@ -5,7 +5,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsclip.model.build import ModelBundle, build_model, builds_partitioned
+from dsclip.model.config import ModelConfig
 from dsclip.training import zero3
+from dsclip.training.bootstrap import freed_host_memory_returned
 from dsclip.training.config import OptimConfig
 from dsclip.training.ds_config import check_sections
 from dsclip.training.optim import build_optimizer, lr_factor, param_groups
@@ -13,6 +16,14 @@ from dsclip.training.optim import build_optimizer, lr_factor, param_groups
 
 def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def build_model_for(cfg: ModelConfig, ds: dict[str, Any], load_weights: bool = True) -> ModelBundle:
+    """The model built as the engine of the resolved config `ds` will hold it: already partitioned
+    under ZeRO-3 where model.zero_init asks for it (builds_partitioned), otherwise whole."""
+    partitioned = builds_partitioned(cfg, zero_stage(ds))
+    with freed_host_memory_returned():
+        return build_model(cfg, load_weights, partitioned_by=ds if partitioned else None)
 
 
 def set_fetch_units(module: nn.Module, ds: dict[str, Any]) -> None:
