@@ -96,34 +96,42 @@ def test_two_ranks_build_partitioned_from_the_same_initial_weights(tmp_path):
     assert run_on_ranks(_init_on_rank, 2, tmp_path) == [{"differing": []}] * 2
 
 
-def zero3_run(tmp_path, name: str, pretrained, zero_init: bool):
+def zero3_run(tmp_path, name: str, pretrained, zero_init: bool, *extra: str, nproc: int = 2):
     sets = ["train.max_steps=4", "optim.warmup_steps=1", "optim.lr=1e-3", "data.batch_size=8", "model.image_size=48",
             "freeze.strategy=frozen_image", "eval.at_start=false", "eval.at_end=false", "logging.log_every=1",
-            "logging.plots=false", f"name={name}", f"model.zero_init={str(zero_init).lower()}"]
+            "logging.plots=false", "train.save_every=2", f"model.zero_init={str(zero_init).lower()}"]
     result = launch(["--deepspeed_config", str(ds_config(3, tmp_path)), "--output-dir", str(tmp_path / "out"),
-                     "--pretrained", str(pretrained), *[arg for s in sets for arg in ("--set", s)]])
+                     "--name", name, "--pretrained", str(pretrained), *[arg for s in sets for arg in ("--set", s)],
+                     *extra], nproc=nproc)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    partitioned_line = "model built partitioned over 2 ranks (deepspeed.zero.Init)"
+    partitioned_line = f"model built partitioned over {nproc} ranks (deepspeed.zero.Init)"
     assert (partitioned_line in result.stderr + result.stdout) == zero_init
     run_dir = tmp_path / "out" / name
-    losses = [r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r]
+    losses = {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{run_dir / 'export'}")
     return losses, model.state_dict()
 
 
 @pytest.mark.multiprocess
-def test_two_zero3_ranks_train_and_export_the_same_with_and_without_zero_init(tmp_path):
+def test_two_zero3_ranks_train_resume_and_export_the_same_with_and_without_zero_init(tmp_path):
     """A 32 px file into a 48 px model (position embedding resized while partitioned), image tower
-    frozen: the same losses and the same exported weights, and the frozen tower is the file's."""
+    frozen: the same losses and the same exported weights, and the frozen tower is the file's; the
+    partitioned run's step-2 checkpoint resumed on 1 rank goes on with the same losses."""
     torch.manual_seed(2)
     pretrained = tmp_path / "pretrained.pt"
     torch.save(open_clip.create_model("dsclip-tiny").state_dict(), pretrained)
     losses, export = zero3_run(tmp_path, "whole", pretrained, zero_init=False)
     partitioned_losses, partitioned_export = zero3_run(tmp_path, "partitioned", pretrained, zero_init=True)
-    assert len(losses) == 4
+    assert sorted(losses) == [1, 2, 3, 4]
     assert partitioned_losses == pytest.approx(losses, abs=1e-6)
     for name, tensor in export.items():
         torch.testing.assert_close(partitioned_export[name], tensor, rtol=0, atol=1e-6, msg=name)
     resized = open_clip.create_model("dsclip-tiny", pretrained=str(pretrained), force_image_size=48).state_dict()
     image_tower = [name for name in resized if name.startswith("visual.")]
     assert image_tower and all(torch.equal(partitioned_export[name], resized[name]) for name in image_tower)
+
+    step_2 = tmp_path / "out" / "partitioned" / "checkpoints" / "step-2"
+    resumed_losses, resumed_export = zero3_run(tmp_path, "resumed", pretrained, True, "--resume", str(step_2),
+                                               "--set", "data.batch_size=16", nproc=1)
+    assert resumed_losses == pytest.approx({3: losses[3], 4: losses[4]}, abs=1e-5)
+    assert all(torch.equal(resumed_export[name], resized[name]) for name in image_tower)
