@@ -7,7 +7,8 @@ package registry, and none of deepspeed, open_clip_torch, webdataset, ftfy or wh
 beyond the image's own packages (GPU_IMAGE_HAS). This script fetches those wheels for CPython
 3.12 on manylinux x86-64, in the versions installed here (what the tests ran with), and builds
 the two that ship only as source (deepspeed, with its C++/CUDA ops left to compile at first use,
-and fairscale). gpu_check.sh installs them with `pip install --no-index --no-deps --target`.
+and fairscale), and dsclip's own wheel (its kernels/ folder imports as dsclip_kernels only once
+installed). gpu_check.sh installs them with `pip install --no-index --no-deps --target`.
 """
 import argparse
 import importlib.metadata
@@ -54,6 +55,11 @@ def build_from_source(name: str, env: dict[str, str], out: Path) -> None:
                     "-w", str(out), pinned(name)], check=True, env={**os.environ, **env})
 
 
+def build_project(out: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
+                    str(REPO)], check=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / ".whl"), help="folder for the wheels (default: .whl)")
@@ -62,6 +68,7 @@ def main() -> None:
     fetch_binary([n for n in MISSING if n not in BUILT_FROM_SOURCE], out)
     for name, env in BUILT_FROM_SOURCE.items():
         build_from_source(name, env, out)
+    build_project(out)
     wheels = sorted(out.glob("*.whl"))
     for wheel in wheels:
         print(f"{wheel.stat().st_size / 2**20:7.2f} MiB  {wheel.name}")

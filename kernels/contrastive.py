@@ -3,7 +3,7 @@
 One rank holds image rows I (b x d) and all gathered texts T (B x d). The logits
 S = scale * I @ T.T are only ever formed tile by tile (BLOCK_M x BLOCK_N), with fp32
 accumulation whatever the input dtype (fp32, bf16 or fp16: low precision takes the tensor
-cores). Four primitives, shared with the PyTorch twin (`kernels.contrastive_twin.TwinOps`,
+cores). Four primitives, shared with the PyTorch twin (`dsclip_kernels.contrastive_twin.TwinOps`,
 the reference for these kernels):
 
 - clip_stats: row log-sum-exp (b) and this rank's column max / sum-exp (B) from one pass

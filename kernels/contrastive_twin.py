@@ -3,7 +3,7 @@
 Used on CPU and as the Triton kernels' test oracle. Every function sees one rank's image
 rows (b x d) against all gathered texts (B x d); no (b x B) logits matrix is ever held,
 only two (chunk x B) fp32 work buffers. Gradients come back "raw" per the contract of
-`kernels.contrastive` (see its module docstring): the caller never needs the logits.
+`dsclip_kernels.contrastive` (see its module docstring): the caller never needs the logits.
 """
 from typing import Optional
 

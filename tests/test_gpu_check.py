@@ -63,7 +63,8 @@ def test_the_gpu_wheels_install_offline_and_cover_their_requirements(tmp_path):
                     "--only-binary=:all:", "--python-version", gpu_wheels.PYTHON, "--implementation", "cp",
                     *platforms, "--target", str(site), *map(str, sorted(wheels.glob("*.whl")))], check=True)
     dists = installed(site)
-    assert set(map(canonicalize_name, gpu_wheels.MISSING)) <= dists.keys()
+    assert set(map(canonicalize_name, [*gpu_wheels.MISSING, "dsclip"])) <= dists.keys()
+    assert (site / "dsclip_kernels" / "contrastive.py").is_file()
     assert len(list(wheels.glob("*.whl"))) == len(dists), "one wheel per distribution, one version each"
     available = dists.keys() | gpu_wheels.GPU_IMAGE_HAS
     unmet = {f"{name} needs {req}" for name, meta in dists.items() for req in map(Requirement, meta.get_all("Requires-Dist") or [])

@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.contrastive as kc
+import dsclip_kernels.contrastive as kc
 from dsclip.errors import LossKernelError
 from dsclip.loss.self_check import check_against_twin
-from kernels.contrastive import GPU_TILES, TritonOps
-from kernels.contrastive_twin import TwinOps
+from dsclip_kernels.contrastive import GPU_TILES, TritonOps
+from dsclip_kernels.contrastive_twin import TwinOps
 
 # dtype -> tolerances of the kernels against the fp32 twin fed the same (rounded) inputs
 TOLERANCES = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},

@@ -12,7 +12,7 @@ from dsclip_testutils import REPO
 # the first pattern a module name matches gives its layer.
 LAYERS = [
     ("base", ["dsclip", "dsclip.errors", "dsclip.logs", "dsclip.fileio", "dsclip.credentials", "dsclip.metric_keys",
-              "dsclip.ranks", "kernels", "kernels.*"]),
+              "dsclip.ranks", "dsclip_kernels", "dsclip_kernels.*"]),
     ("config", ["dsclip.*.config", "dsclip.config", "dsclip.data.templates", "dsclip.model.architectures"]),
     ("components", ["dsclip.model", "dsclip.model.*", "dsclip.data", "dsclip.data.*", "dsclip.loss", "dsclip.loss.*",
                     "dsclip.report", "dsclip.report.*"]),
@@ -24,13 +24,25 @@ HEAVY = {"torch", "open_clip", "deepspeed", "matplotlib", "webdataset", "wandb",
 PRINTING = {"commands"}  # the only layer that writes to stdout/stderr itself
 
 
+# folder -> the package it installs as (pyproject.toml's package-dir)
+PACKAGES = {"dsclip": "dsclip", "kernels": "dsclip_kernels"}
+
+
 def module_files() -> dict[str, Path]:
     files = {}
-    for package in ("dsclip", "kernels"):
-        for path in sorted((REPO / package).rglob("*.py")):
-            parts = list(path.relative_to(REPO).with_suffix("").parts)
+    for folder, package in PACKAGES.items():
+        for path in sorted((REPO / folder).rglob("*.py")):
+            parts = [package, *path.relative_to(REPO / folder).with_suffix("").parts]
             files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return files
+
+
+def test_every_package_folder_is_installed():
+    """pyproject.toml lists the packages (kernels/ installs under another name): a new folder must join."""
+    import tomllib
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "dsclip").rglob("__init__.py")}
+    assert folders | {"dsclip_kernels"} == listed
 
 
 def imported_modules(path: Path, name: str, known: set[str]) -> set[str]:

@@ -17,7 +17,7 @@ from open_clip.loss import ClipLoss, SigLipLoss
 from dsclip.loss.config import LossConfig
 from dsclip.loss.contrastive import TiledContrastiveLoss, build_loss
 from dsclip.training.bootstrap import free_port
-from kernels.contrastive import INTERPRET
+from dsclip_kernels.contrastive import INTERPRET
 from test_kernels import _case, gpu, needs_cuda
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # fp32 acceptance

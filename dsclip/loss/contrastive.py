@@ -28,7 +28,7 @@ from dsclip.errors import UnequalBatchError
 from dsclip.loss import collectives
 from dsclip.loss.config import LossConfig
 from dsclip.loss.self_check import check_against_twin
-from kernels.contrastive_twin import TwinOps
+from dsclip_kernels.contrastive_twin import TwinOps
 
 
 def _world() -> int:
@@ -218,7 +218,7 @@ class TiledContrastiveLoss(nn.Module):
     def _ops(self, features: torch.Tensor):
         if self._uses_triton(features):
             if self.triton is None:
-                from kernels.contrastive import TritonOps  # imports triton only when it is used
+                from dsclip_kernels.contrastive import TritonOps  # imports triton only when it is used
                 self.triton = TritonOps()
             if features.is_cuda:  # compiled for this GPU: check it once before trusting it
                 check_against_twin(self.triton, features.device, features.dtype, features.shape[1])

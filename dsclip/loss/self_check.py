@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dsclip.errors import LossKernelError
-from kernels.contrastive_twin import TwinOps
+from dsclip_kernels.contrastive_twin import TwinOps
 
 # tolerance by feature dtype: the kernels see the same rounded inputs as the fp32 twin
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}

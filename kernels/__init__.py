@@ -1,1 +1,0 @@
-"""Fused contrastive-loss kernels (Triton) and their PyTorch twin."""
