@@ -25,7 +25,7 @@ from dsclip.ensemble.config import WiseFtConfig
 from dsclip.errors import ConfigError
 from dsclip.eval.config import EvalConfig
 from dsclip.loss.config import LossConfig
-from dsclip.model.config import FreezeConfig, ModelConfig
+from dsclip.model.config import AdapterConfig, FreezeConfig, ModelConfig
 from dsclip.report.config import LoggingConfig
 from dsclip.training.config import OptimConfig, TrainConfig
 
@@ -40,6 +40,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)

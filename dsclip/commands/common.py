@@ -48,13 +48,17 @@ def add_trust_checkpoint(parser: argparse.ArgumentParser) -> None:
 
 def add_weight_flags(parser: argparse.ArgumentParser, pretrained_help: str) -> None:
     parser.add_argument("--pretrained", metavar="SOURCE", help=pretrained_help)
+    parser.add_argument("--adapters", metavar="FOLDER", help="LoRA adapters trained on --pretrained (an export's "
+                        "adapters/ folder; recipe key adapters.weights): merged into the weights, or trained on "
+                        "with adapters.kind: lora")
     add_trust_checkpoint(parser)
 
 
 def weight_overrides(args: argparse.Namespace) -> list[str]:
-    """Recipe overrides for the shared weight flags (--pretrained where the command has it, --trust-checkpoint)."""
-    pretrained = getattr(args, "pretrained", None)
-    overrides = [f"model.pretrained={pretrained}"] if pretrained else []
+    """Recipe overrides for the shared weight flags (--pretrained and --adapters where the command has
+    them, --trust-checkpoint)."""
+    overrides = [f"{key}={value}" for key, value in (("model.pretrained", getattr(args, "pretrained", None)),
+                                                     ("adapters.weights", getattr(args, "adapters", None))) if value]
     return overrides + (["model.trust_checkpoint=true"] if args.trust_checkpoint else [])
 
 

@@ -71,7 +71,7 @@ def evaluate(cfg: RunConfig, ds_config: dict, out: Optional[Path]) -> dict[str, 
 
     start_process_group(cfg.train.collective_timeout_s)
     ds = for_run(ds_config, cfg, dist.get_world_size())
-    bundle = build_model_for(cfg.model, ds)
+    bundle = build_model_for(cfg.model, ds, adapters=cfg.adapters)
     engine = build_inference_engine(bundle.module, ds)
     evals = build_evals(cfg.eval, bundle, cfg.data.synthetic, cfg.seed, build_loss(cfg.loss))
     metrics = run_evals(evals, engine, engine.device, precision(ds))

@@ -35,6 +35,6 @@ def export(args: argparse.Namespace) -> int:
     cfg = run_config_of(root, tag, args.trust_checkpoint)
     log.info("merging the ZeRO shards of %s", root / tag)
     weights = export_checkpoint(root, tag, cfg.model, args.out or root.parent / "export", DTYPES[args.dtype],
-                                args.safetensors, args.trust_checkpoint)
+                                args.safetensors, args.trust_checkpoint, cfg.adapters)
     log.info("exported %s to %s", root / tag, weights)
     return 0

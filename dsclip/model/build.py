@@ -3,6 +3,7 @@ tokenizer, the engine-facing wrapper, and activation checkpointing."""
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import open_clip
@@ -13,8 +14,9 @@ from torch import nn
 
 from dsclip.errors import ConfigError
 from dsclip.logs import DropMessages, debug_enabled
+from dsclip.model.adapters import add_adapters, load_adapters, read_adapters
 from dsclip.model.architectures import registered
-from dsclip.model.config import ModelConfig
+from dsclip.model.config import AdapterConfig, ModelConfig
 from dsclip.model.pretrained import load_pretrained
 from dsclip.model.zero_init import full_shape, partitioned_build
 
@@ -81,7 +83,8 @@ def create_clip(cfg: ModelConfig, device: str = "cpu") -> nn.Module:
             force_context_length=cfg.context_length,
             nonscalar_logit_scale=True,  # DeepSpeed cannot broadcast 0-dim parameters
             **{key: value for key, value in (("init_logit_scale", cfg.init_logit_scale),
-                                             ("init_logit_bias", cfg.init_logit_bias)) if value is not None},
+                                             ("init_logit_bias", cfg.init_logit_bias),
+                                             ("force_patch_dropout", cfg.patch_dropout or None)) if value is not None},
         )
 
 
@@ -104,12 +107,14 @@ def builds_partitioned(cfg: ModelConfig, zero_stage: int) -> bool:
     return zero_stage == 3 and not cfg.has_hf_text_tower() and parameter_count(cfg) >= ZERO_INIT_MIN_PARAMETERS
 
 
-def build_model(cfg: ModelConfig, load_weights: bool = True,
-                partitioned_by: Optional[dict[str, Any]] = None) -> ModelBundle:
-    """Create the architecture and load `cfg.pretrained` into it (unless `load_weights` is False,
-    as when resuming), all before the DeepSpeed engine exists. Given a resolved ZeRO-3 config
-    `partitioned_by`, the model is built already partitioned (zero.Init) and rank 0 alone reads the
-    weights; otherwise every rank builds it whole and reads the file."""
+def build_model(cfg: ModelConfig, load_weights: bool = True, partitioned_by: Optional[dict[str, Any]] = None,
+                adapters: Optional[AdapterConfig] = None) -> ModelBundle:
+    """Create the architecture, load `cfg.pretrained` into it and add `adapters` (their weights
+    too, unless `load_weights` is False, as when resuming), all before the DeepSpeed engine exists.
+    Given a resolved ZeRO-3 config `partitioned_by`, the model is built already partitioned
+    (zero.Init) and rank 0 alone reads the weights; otherwise every rank builds it whole and reads
+    the file."""
+    adapters = adapters or AdapterConfig()
     if partitioned_by is None:
         clip = create_clip(cfg)
     else:
@@ -117,8 +122,16 @@ def build_model(cfg: ModelConfig, load_weights: bool = True,
             clip = create_clip(cfg)
         log.info("model built partitioned over %d ranks (deepspeed.zero.Init): %s parameters",
                  dist.get_world_size(), f"{sum(full_shape(p).numel() for p in clip.parameters()):,}")
-    if cfg.pretrained and load_weights:
-        load_pretrained(clip, cfg.name, cfg.pretrained, trust=cfg.trust_checkpoint)
+    if load_weights:
+        load_initial_weights(clip, cfg, adapters)
+    if adapters.kind == "lora":
+        log.info("LoRA adapters (rank %d, alpha %g) in %d modules of %s", adapters.rank, adapters.alpha,
+                 add_adapters(clip, adapters), "both towers" if adapters.towers == "both" else f"the {adapters.towers} tower")
+        if adapters.weights and load_weights:
+            load_adapters(clip, read_adapters(Path(adapters.weights)), adapters.weights)
+    if cfg.patch_dropout:
+        log.info("patch dropout: %g of the image patches dropped in training forwards (evaluation sees all)",
+                 cfg.patch_dropout)
     configure_activation_checkpointing(clip, cfg)
     preprocess = PreprocessCfg(**clip.visual.preprocess_cfg)
     return ModelBundle(
@@ -130,6 +143,17 @@ def build_model(cfg: ModelConfig, load_weights: bool = True,
         image_mean=tuple(preprocess.mean),
         image_std=tuple(preprocess.std),
     )
+
+
+def load_initial_weights(clip: nn.Module, cfg: ModelConfig, adapters: AdapterConfig) -> None:
+    """`cfg.pretrained`, with `adapters.weights` merged into it when no adapters are trained."""
+    merged = adapters.weights if adapters.kind == "none" else None
+    if merged and not cfg.pretrained:
+        raise ConfigError(f"adapters.weights={merged} needs model.pretrained: the base weights the adapters were "
+                          "trained on (--pretrained BASE --adapters FOLDER)")
+    if cfg.pretrained:
+        load_pretrained(clip, cfg.name, cfg.pretrained, trust=cfg.trust_checkpoint,
+                        adapters=Path(merged) if merged else None)
 
 
 def configure_activation_checkpointing(clip: nn.Module, cfg: ModelConfig) -> None:

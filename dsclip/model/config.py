@@ -8,6 +8,10 @@ from dsclip.model.architectures import architecture_config, check_known
 Strategy = Literal["full", "frozen_image", "frozen_text", "partial", "lit"]
 LOCKS_IMAGE: tuple[str, ...] = ("frozen_image", "partial", "lit")  # strategies that lock the image tower
 LOCKS_TEXT: tuple[str, ...] = ("frozen_text", "partial")  # strategies that lock the text tower
+AdapterKind = Literal["none", "lora"]
+AdapterTowers = Literal["both", "image", "text"]
+# every transformer block's attention (its in-projection and out_proj) and MLP linears
+DEFAULT_LORA_TARGETS = ("*.resblocks.*.attn", "*.resblocks.*.mlp.c_fc", "*.resblocks.*.mlp.c_proj")
 
 
 @dataclass
@@ -21,6 +25,7 @@ class ModelConfig:
     init_logit_bias: Optional[float] = None  # add a learned logit bias with this initial value (SigLIP: -10)
     grad_checkpointing: bool = False  # recompute each transformer block in backward (open_clip's checkpointing)
     activation_offload: bool = False  # checkpoint blocks with fairscale, keeping saved inputs in host memory
+    patch_dropout: float = 0.0  # share of image patches dropped in training forwards (FLIP); evaluation sees all
     zero_init: Optional[bool] = None  # build already partitioned under ZeRO-3 (deepspeed.zero.Init); null: on from 5e8 parameters
 
     def has_logit_bias(self) -> bool:
@@ -31,6 +36,8 @@ class ModelConfig:
         if self.grad_checkpointing and self.activation_offload:
             raise ValueError("model.grad_checkpointing and model.activation_offload are alternatives: "
                              "activation_offload already checkpoints every block; enable only one")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"model.patch_dropout={self.patch_dropout} must be in [0, 1): the share of patches dropped")
         if self.zero_init and self.has_hf_text_tower():
             raise ValueError(f"model.zero_init=true with {self.name}: its Hugging Face text tower loads its own "
                              "weights inside transformers, after zero.Init would have partitioned it; set "
@@ -99,3 +106,32 @@ class FreezeConfig:
         for key in ("include", "exclude"):
             if any(not pattern for pattern in getattr(self, key)):
                 raise ValueError(f"freeze.{key} holds an empty pattern; remove it")
+
+
+@dataclass
+class AdapterConfig:
+    """Low-rank adapters (LoRA) trained beside frozen base weights: the towers they adapt train only
+    through them; the other tower follows freeze.strategy."""
+
+    kind: AdapterKind = "none"  # none | lora
+    rank: int = 8  # LoRA rank r
+    alpha: float = 16.0  # an adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on an adapter's input, in training
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))  # module-name globs (* crosses dots): nn.MultiheadAttention (in-projection and out_proj) or nn.Linear
+    towers: AdapterTowers = "both"  # both | image | text
+    weights: Optional[str] = None  # adapter folder (an export's adapters/) to start from; with kind none, merged into the weights
+
+    def validate(self) -> None:
+        kinds, towers = get_args(AdapterKind), get_args(AdapterTowers)
+        if self.kind not in kinds:
+            raise ValueError(f"adapters.kind={self.kind!r} is unknown; use one of {', '.join(kinds)}")
+        if self.towers not in towers:
+            raise ValueError(f"adapters.towers={self.towers!r} is unknown; use one of {', '.join(towers)}")
+        if self.rank < 1:
+            raise ValueError(f"adapters.rank={self.rank} must be >= 1")
+        if self.alpha <= 0:
+            raise ValueError(f"adapters.alpha={self.alpha} must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"adapters.dropout={self.dropout} must be in [0, 1)")
+        if not self.targets or any(not pattern for pattern in self.targets):
+            raise ValueError("adapters.targets must hold at least one non-empty module-name glob")

@@ -26,6 +26,7 @@ from open_clip.hf_model import HFTextEncoder
 from open_clip.transformer import lock_text_tower
 from torch import nn
 
+from dsclip.model.adapters import is_adapter_key
 from dsclip.model.config import LOCKS_IMAGE, LOCKS_TEXT, FreezeConfig, Strategy, TextFreezeConfig
 from dsclip.model.partition import TOWERS, LayerPartition, Tower, layer_label
 from dsclip.model.zero_init import full_shape
@@ -163,8 +164,9 @@ def summarize_freeze(model: nn.Module, strategy: str = "") -> FreezeSummary:
     return FreezeSummary(strategy, list(towers.values()), trainable_names)
 
 
-def apply_freeze(model: nn.Module, cfg: FreezeConfig) -> FreezeSummary:
-    """Set ``requires_grad`` on every parameter of the bare open_clip ``model`` from ``cfg``.
+def apply_freeze(model: nn.Module, cfg: FreezeConfig, adapted: tuple[str, ...] = ()) -> FreezeSummary:
+    """Set ``requires_grad`` on every parameter of the bare open_clip ``model`` from ``cfg``; the
+    towers in ``adapted`` train through their LoRA adapters alone (their base weights frozen).
 
     Idempotent: every flag is recomputed from scratch (all trainable first), so applying
     the same config twice, or a second config after a first, gives the flags of that
@@ -189,6 +191,10 @@ def apply_freeze(model: nn.Module, cfg: FreezeConfig) -> FreezeSummary:
         _check_groups(model, partition, "text", cfg.text.unlocked_layers, "freeze.text.unlocked_layers")
         _lock_text(model, partition, cfg.text)
     for name, param in model.named_parameters():
+        if is_adapter_key(name):
+            param.requires_grad = True
+        elif partition.tower(name) in adapted or (len(adapted) == 2 and partition.tower(name) == "other"):
+            param.requires_grad = False  # adapters on both towers: they alone train (include logit_scale to add it)
         if _matches(name, cfg.include):
             param.requires_grad = True
         if _matches(name, cfg.exclude):

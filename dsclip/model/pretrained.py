@@ -9,6 +9,7 @@ import logging
 import pickle
 import zipfile
 from pathlib import Path
+from typing import Optional
 
 import open_clip
 import torch
@@ -18,6 +19,7 @@ from open_clip.model import convert_to_custom_text_state_dict
 from torch import nn
 
 from dsclip.errors import PretrainedError
+from dsclip.model.adapters import merged_state_dict, read_adapters
 from dsclip.model.pos_embed import fit_pos_embeds
 from dsclip.model.run_folder import CHECKPOINTS, consolidated_state_dict, is_run_folder, resolve_checkpoint
 from dsclip.model.safe_files import TRUST_HINT, refusal
@@ -30,21 +32,27 @@ log = logging.getLogger(__name__)
 HF_PREFIX = "hf-hub:"
 
 
-def load_pretrained(clip: nn.Module, model_name: str, source: str, trust: bool = False) -> None:
-    """Load `source` into the bare open_clip model in place, before the engine exists. Built whole,
-    every rank reads the file; built partitioned (zero.Init), rank 0 alone reads it and fills the
-    ranks' shards one gathered parameter at a time."""
+def load_pretrained(clip: nn.Module, model_name: str, source: str, trust: bool = False,
+                    adapters: Optional[Path] = None) -> None:
+    """Load `source` into the bare open_clip model in place, before the engine exists, with the
+    LoRA `adapters` folder merged into it if given. Built whole, every rank reads the files; built
+    partitioned (zero.Init), rank 0 alone reads them and fills the ranks' shards one gathered
+    parameter at a time."""
+    def read() -> dict[str, torch.Tensor]:
+        state_dict = fit_state_dict(clip, read_source(model_name, source, trust), source)
+        return merged_state_dict({**state_dict, **read_adapters(adapters)}) if adapters else state_dict
+
     if is_partitioned(clip):
         state_dict: dict[str, torch.Tensor] = {}
 
-        def read() -> list[str]:
-            state_dict.update(fit_state_dict(clip, read_source(model_name, source, trust), source))
+        def read_on_rank0() -> list[str]:
+            state_dict.update(read())
             return list(state_dict)
 
-        names = rank0_decides(read, PretrainedError)
+        names = rank0_decides(read_on_rank0, PretrainedError)
         copy_into_partitions(clip, state_dict, names)
     else:
-        state_dict = fit_state_dict(clip, read_source(model_name, source, trust), source)
+        state_dict = read()
         names = list(state_dict)
         clip.load_state_dict(state_dict, strict=False)
     report_leftovers(clip, names, model_name, source)
@@ -104,7 +112,7 @@ def read_folder(folder: Path, model_name: str, trust: bool) -> dict[str, torch.T
     """An HF-hub style model folder, or a dsclip run / checkpoints folder."""
     if is_run_folder(folder):
         root, tag = resolve_checkpoint(str(folder), folder / CHECKPOINTS)
-        return consolidated_state_dict(root, tag, trust)
+        return merged_state_dict(consolidated_state_dict(root, tag, trust))  # a LoRA run's adapters merged
     return read_file(weights_in_folder(folder, model_name), trust)
 
 

@@ -14,6 +14,7 @@ from dsclip.config import RunConfig, recorded
 from dsclip.data.loader import TrainData, build_train_data
 from dsclip.eval.tasks import Evaluation, build_evals
 from dsclip.loss.contrastive import build_loss
+from dsclip.model.adapters import adapted_towers
 from dsclip.model.build import ModelBundle
 from dsclip.model.freeze import apply_freeze, check_lr, format_summary
 from dsclip.report.tracking import Tracker
@@ -49,7 +50,7 @@ def build_run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] =
     point = find_resume_point(resume, cfg, rank, world, new_global_batch) if resume else None
     ds = for_run(ds_config, cfg, world)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    bundle = build_model_for(cfg.model, ds, load_weights=point is None)
+    bundle = build_model_for(cfg.model, ds, load_weights=point is None, adapters=cfg.adapters)
     apply_strategy(cfg, bundle)
     data = build_train_data(cfg.data, bundle, rank, world, cfg.seed, cfg.train.grad_accum_steps)
     total_steps = cfg.train.max_steps or cfg.train.epochs * data.steps_per_epoch // cfg.train.grad_accum_steps
@@ -80,8 +81,9 @@ def build_run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] =
 
 def apply_strategy(cfg: RunConfig, bundle: ModelBundle) -> None:
     """Freeze before the engine exists, so frozen parameters never get optimizer state."""
-    summary = apply_freeze(bundle.module.clip, cfg.freeze)
+    summary = apply_freeze(bundle.module.clip, cfg.freeze, adapted_towers(cfg.adapters))
     log.info("%s", format_summary(summary))
-    warning = check_lr(cfg.freeze.strategy, cfg.optim.lr) if cfg.model.pretrained else None
-    if warning and dist.get_rank() == 0:  # from random weights a high lr is right; it wrecks pretrained features
+    # from random weights a high lr is right; it wrecks pretrained features (adapters: lr is theirs)
+    warning = check_lr(cfg.freeze.strategy, cfg.optim.lr) if cfg.model.pretrained and cfg.adapters.kind == "none" else None
+    if warning and dist.get_rank() == 0:
         log.warning("%s", warning)

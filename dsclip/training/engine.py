@@ -1,12 +1,12 @@
 """The DeepSpeed engine around the ContrastiveModel, with dsclip's optimizer and schedule and,
 under ZeRO-3, dsclip's additions (training/zero3.py)."""
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from dsclip.model.build import ModelBundle, build_model, builds_partitioned
-from dsclip.model.config import ModelConfig
+from dsclip.model.config import AdapterConfig, ModelConfig
 from dsclip.training import zero3
 from dsclip.training.bootstrap import freed_host_memory_returned
 from dsclip.training.config import OptimConfig
@@ -18,12 +18,14 @@ def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
-def build_model_for(cfg: ModelConfig, ds: dict[str, Any], load_weights: bool = True) -> ModelBundle:
-    """The model built as the engine of the resolved config `ds` will hold it: already partitioned
-    under ZeRO-3 where model.zero_init asks for it (builds_partitioned), otherwise whole."""
+def build_model_for(cfg: ModelConfig, ds: dict[str, Any], load_weights: bool = True,
+                    adapters: Optional[AdapterConfig] = None) -> ModelBundle:
+    """The model (with its adapters) built as the engine of the resolved config `ds` will hold it:
+    already partitioned under ZeRO-3 where model.zero_init asks for it (builds_partitioned),
+    otherwise whole."""
     partitioned = builds_partitioned(cfg, zero_stage(ds))
     with freed_host_memory_returned():
-        return build_model(cfg, load_weights, partitioned_by=ds if partitioned else None)
+        return build_model(cfg, load_weights, partitioned_by=ds if partitioned else None, adapters=adapters)
 
 
 def set_fetch_units(module: nn.Module, ds: dict[str, Any]) -> None:

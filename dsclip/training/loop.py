@@ -223,7 +223,7 @@ class Trainer:
     def export(self, tag: str) -> None:
         """Rank 0 writes the export; a failure there is raised on every rank."""
         weights = rank0_decides(lambda: export_checkpoint(self.parts.checkpoints.root, tag, self.cfg.model,
-                                                          self.cfg.export_dir))
+                                                          self.cfg.export_dir, adapters=self.cfg.adapters))
         log.info("exported open_clip weights to %s", weights)
 
     # -- preemption -------------------------------------------------------------------------
