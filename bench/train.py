@@ -13,6 +13,8 @@ Systems, each run in fresh processes (one per rank; gloo on CPU, nccl on CUDA):
                     loop, wrapped in DDP when ranks > 1
   zero0|zero2|zero3 dsclip's Trainer (its engine from ds_configs/, its tiled loss) driven step by step
   NAME+ckpt         the same with gradient checkpointing (open_clip's set_grad_checkpointing)
+  zeroN+pd50        dsclip with patch dropout 0.5 (model.patch_dropout: half the image patches dropped in
+                    training forwards); give the ViT enough patches to drop (--image-size)
   zeroN+gloo        dsclip with its CPU collectives left on gloo (DSCLIP_SHM_COLLECTIVES=0) instead of
                     DeepSpeed's shared-memory all-reduce (dsclip/loss/collectives.py); open_clip_loop's DDP
                     always uses gloo, as torch does on CPU
@@ -65,7 +67,7 @@ def render_pool(args: argparse.Namespace, path: Path) -> float:
     from dsclip.model.build import build_model
     from dsclip.model.config import ModelConfig
 
-    bundle = build_model(ModelConfig(name=args.model))
+    bundle = build_model(ModelConfig(name=args.model, image_size=args.image_size))
     n = max(args.ranks) * args.pool_batches
     samples = synthetic.SyntheticSet(0, n * args.batch_size, 12, bundle.image_size, bundle.tokenizer,
                                      synthetic.Normalize(bundle.image_mean, bundle.image_std), cache=False)
@@ -161,7 +163,7 @@ def _open_clip_loop(rank: int, world: int, port: int, args: argparse.Namespace, 
     batches = rank_batches(torch.load(pool_path), rank, args, device)
     base_rss = memory.rss_bytes()
     torch.manual_seed(0)
-    model = open_clip.create_model(args.model, pretrained=None).to(device)
+    model = open_clip.create_model(args.model, pretrained=None, force_image_size=args.image_size).to(device)
     model.set_grad_checkpointing(ckpt)
     wrapped = DistributedDataParallel(model) if world > 1 else model
     loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
@@ -188,7 +190,7 @@ def _open_clip_loop(rank: int, world: int, port: int, args: argparse.Namespace, 
 
 
 def _dsclip(rank: int, world: int, port: int, args: argparse.Namespace, stage: int, ckpt: bool,
-            pool_path: str) -> dict:
+            patch_dropout: float, pool_path: str) -> dict:
     from dsclip.config import load_config
     from dsclip.training.bootstrap import init_distributed, quiet_libraries
     from dsclip.training.components import build_run
@@ -202,7 +204,8 @@ def _dsclip(rank: int, world: int, port: int, args: argparse.Namespace, stage: i
     base_rss = memory.rss_bytes()
     steps = _total_steps(args)
     cfg = load_config(None, [
-        f"model.name={args.model}", f"model.grad_checkpointing={ckpt}", f"data.batch_size={args.batch_size}",
+        f"model.name={args.model}", f"model.image_size={args.image_size or 'null'}",
+        f"model.grad_checkpointing={ckpt}", f"model.patch_dropout={patch_dropout}", f"data.batch_size={args.batch_size}",
         f"optim.lr={LR}", f"optim.weight_decay={WEIGHT_DECAY}", f"train.grad_clip={GRAD_CLIP}",
         f"train.max_steps={steps}", f"optim.warmup_steps={_warmup_steps(args)}", "eval.at_start=false",
         "eval.at_end=false", "eval.zeroshot=[]", "train.export=false", "logging.plots=false",
@@ -237,7 +240,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, system: 
     if name == "open_clip_loop":
         result = _open_clip_loop(rank, world, port, args, ckpt, pool_path)
     else:
-        result = _dsclip(rank, world, port, args, int(name[-1]), ckpt, pool_path)
+        result = _dsclip(rank, world, port, args, int(name[-1]), ckpt, 0.5 if "pd50" in suffixes else 0.0, pool_path)
     Path(f"{out}.rank{rank}.json").write_text(json.dumps(result))
     if dist.is_initialized():
         dist.barrier()
@@ -261,7 +264,7 @@ def _open_clip_train_worker(rank: int, args: argparse.Namespace, logs: str, out:
           "--lr", str(LR), "--beta1", str(BETAS[0]), "--beta2", str(BETAS[1]), "--eps", str(EPS),
           "--wd", str(WEIGHT_DECAY), "--warmup", "50", "--grad-clip-norm", str(GRAD_CLIP), "--seed", "0",
           "--log-every-n-steps", str(window), "--logs", logs, "--name", "bench", "--save-frequency", "0",
-          "--report-to", ""])
+          "--report-to", "", *(["--force-image-size", str(args.image_size)] if args.image_size else [])])
     lines = re.findall(r"Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+)", (Path(logs) / "bench" / "out.log").read_text())
     windows = [(float(d), float(b)) for d, b in lines[2:]]  # drop step 0 and the warm-up window
     result = {"window_data_s": [d for d, _ in windows], "window_step_s": [b for _, b in windows],
@@ -432,6 +435,7 @@ def main() -> None:
                                                           "zero3+ckpt"])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--model", default="dsclip-tiny")
+    parser.add_argument("--image-size", type=int, help="the model's image size (default its own)")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[64, 256], help="per rank; each is a setting")
     parser.add_argument("--warmup", type=int, default=5, help="steps before timing")
     parser.add_argument("--windows", type=int, default=3)
@@ -449,11 +453,11 @@ def main() -> None:
     for system in systems:
         name, *suffixes = system.split("+")
         if (name not in ("open_clip_loop", "zero0", "zero1", "zero2", "zero3")
-                or not set(suffixes) <= {"ckpt", "gloo", "malloc"}
-                or ("gloo" in suffixes and name == "open_clip_loop")
+                or not set(suffixes) <= {"ckpt", "gloo", "malloc", "pd50"}
+                or ({"gloo", "pd50"} & set(suffixes) and name == "open_clip_loop")
                 or ("malloc" in suffixes and name != "open_clip_loop")):
             raise ValueError(f"--systems: unknown system {system!r}; use open_clip_train, open_clip_loop, zero0, "
-                             "zero1, zero2, zero3, each optionally with +ckpt; the zeroN also with +gloo, "
+                             "zero1, zero2, zero3, each optionally with +ckpt; the zeroN also with +gloo or +pd50, "
                              "open_clip_loop also with +malloc")
 
     if args.scaling:

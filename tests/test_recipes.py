@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from dsclip.config import flat_keys, load_config, read_recipe, to_dict
+from dsclip.model.adapters import adapted_towers
 from dsclip.model.build import build_model
 from dsclip.model.freeze import FULL_WARMUP_STEPS, apply_freeze, recommended_lr_range
 from dsclip.model.run_folder import consolidated_state_dict, read_pointer
@@ -59,6 +60,7 @@ FIT_TO_TINY: dict[str, list[str]] = {
     "frozen_text.yaml": [],
     "high_res.yaml": ["model.image_size=64"],  # still a resize of tiny's 32 px grid (4x4 -> 8x8 patches)
     "large_batch.yaml": ["train.grad_accum_steps=2"],  # still gradient caching, over 2 micro-batches
+    "lora.yaml": [],
     "lit.yaml": [],
     "medical.yaml": [],
     "multilingual.yaml": [],  # tiny's built-in text tower replaces XLM-RoBERTa (needs the HF hub)
@@ -135,12 +137,13 @@ def test_recipe_is_documented_at_its_top(recipe):
 @pytest.mark.parametrize("recipe", sorted(set(RECIPES) - set(OUTSIDE_THE_LR_TABLE)))
 def test_recipe_learning_rates_follow_the_recommended_table(recipe):
     cfg = load_config(str(RECIPE_DIR / recipe))
-    low, high = recommended_lr_range(cfg.freeze.strategy)
+    adapted = cfg.adapters.kind != "none"
+    low, high = recommended_lr_range("lora" if adapted else cfg.freeze.strategy)
     for key, lr in (("optim.lr", cfg.optim.lr), ("optim.image.lr", cfg.optim.image.lr),
                     ("optim.text.lr", cfg.optim.text.lr)):
         if lr is not None:
             assert low <= lr <= high, f"{recipe}: {key}={lr:g} outside {low:g}..{high:g} for {cfg.freeze.strategy}"
-    if cfg.freeze.strategy == "full":
+    if cfg.freeze.strategy == "full" and not adapted:
         assert FULL_WARMUP_STEPS[0] <= cfg.optim.warmup_steps <= FULL_WARMUP_STEPS[1], recipe
     assert cfg.model.pretrained, f"{recipe}: a fine-tune recipe starts from pretrained weights"
 
@@ -167,8 +170,8 @@ def initial_weights(cfg) -> tuple[dict[str, torch.Tensor], set[str]]:
     """The tiny model a run of `cfg` starts from (dsclip/training/components.py seeds, builds and
     freezes it so) and the names the recipe's freeze strategy leaves trainable."""
     torch.manual_seed(cfg.seed)
-    clip = build_model(cfg.model).module.clip
-    apply_freeze(clip, cfg.freeze)
+    clip = build_model(cfg.model, adapters=cfg.adapters).module.clip
+    apply_freeze(clip, cfg.freeze, adapted_towers(cfg.adapters))
     return ({name: p.detach().clone() for name, p in clip.named_parameters()},
             {name for name, p in clip.named_parameters() if p.requires_grad})
 
@@ -207,8 +210,10 @@ def run_two_steps(recipe: str, tmp_path: Path) -> None:
     if strategy == "lit":
         trainable_image = {name for name in initial if name.startswith("visual.")} - frozen
         assert not trainable_image, f"{recipe}: lit left image parameters trainable: {sorted(trainable_image)[:5]}"
-    if strategy == "full" and not cfg.freeze.exclude:
+    if strategy == "full" and not cfg.freeze.exclude and cfg.adapters.kind == "none":
         assert not frozen, f"{recipe}: strategy full froze {sorted(frozen)[:5]}"
+    if cfg.adapters.kind == "lora":  # adapters on both towers: they alone train, every base weight stays
+        assert trainable and all(".lora_" in name for name in trainable), f"{recipe}: base weights trained"
     # a trainable matrix gets a gradient or weight decay in every step; a 1-D tensor may get neither
     still = {name for name in trainable - moved if initial[name].ndim >= 2}
     assert not still, f"{recipe}: trainable parameters did not move: {sorted(still)[:5]}"

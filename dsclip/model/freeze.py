@@ -228,12 +228,14 @@ _LR_RANGES: dict[str, tuple[float, float]] = {
     "frozen_image": (1e-4, 1e-3),
     "frozen_text": (1e-4, 1e-3),
     "lit": (1e-4, 1e-3),
+    "lora": (1e-4, 1e-3),  # adapters (adapters.kind: lora), whatever the strategy
 }
 FULL_WARMUP_STEPS = (1000, 5000)  # warmup recommended with a full fine-tune
 
 
 def recommended_lr_range(strategy: str) -> tuple[float, float]:
-    """(low, high) peak lr that usually works for ``strategy`` (full: with 1000-5000 warmup steps)."""
+    """(low, high) peak lr that usually works for ``strategy`` (full: with 1000-5000 warmup steps), or for
+    LoRA adapters (``"lora"``)."""
     if strategy not in _LR_RANGES:
         raise ValueError(f"freeze.strategy={strategy!r} is unknown; use one of {', '.join(get_args(Strategy))}")
     return _LR_RANGES[strategy]
