@@ -484,6 +484,47 @@ def zero_init_summary() -> str:
             f"{big['partitioned_per_rank_bytes'] / 2 ** 30:.2f} GiB per rank.")
 
 
+# -- bench/strategies.py: bench/results/strategies.json ----------------------------------------------
+def strategies_table() -> str:
+    d = load("strategies.json")
+    pre = d["pretrained"]
+    rows = [["pretrained (default run)", f"{pre['eval/fashion/top1']:.1f}", f"{pre['eval/shapes/top1']:.1f}", "", "",
+             "", ""]]
+    for r in d["rows"]:
+        rows.append([r["strategy"], f"{r['task_top1']:.1f}", f"{r['kept_top1']:.1f}",
+                     f"{r['trainable']:,} ({100 * r['trainable'] / r['total']:.1f}%)", f"{r['optimizer_mb']:.2f}",
+                     f"{r['grads_mb']:.2f}", f"{r['samples_per_s']:.0f}"])
+    return table(["strategy", "Fashion-MNIST top-1 % (task)", "shapes top-1 % (kept)", "trainable parameters",
+                  "optimizer MB / rank", "grads MB / rank", "samples/s"], "lrrrrrr", rows)
+
+
+def strategies_summary() -> str:
+    d = load("strategies.json")
+    full, lora = d["memory"]
+    return (f"Measured {d['date']} with `python bench/strategies.py` (2 CPU ranks, ZeRO-3, fp32; 1-minute load "
+            f"{d['load_before']:.1f} before and {d['load_after']:.1f} after; `bench/results/strategies.json`, plot "
+            f"`bench/results/strategies.png`). ViT-B-32 from random init, one step on 2 ranks, per rank: full "
+            f"fine-tuning holds {full['grads_mb']:,.0f} MiB of gradients and {full['optimizer_mb']:,.0f} MiB of "
+            f"optimizer state, LoRA rank 16 {lora['grads_mb']:.1f} and {lora['optimizer_mb']:.1f} MiB: "
+            f"{100 * lora['grads_optimizer_vs_full']:.1f}% of full's (weights: {lora['params_mb']:.0f} against "
+            f"{full['params_mb']:.0f} MiB, the frozen base still partitioned).")
+
+
+# -- bench/train.py --systems ... zero3+pd50: bench/results/train_cpu_patch_dropout.json -------------------
+def patch_dropout_table() -> str:
+    d = load("train_cpu_patch_dropout.json")
+    zero3 = next(r for r in d["rows"] if r["system"] == "zero3")
+    labels = {"open_clip_loop": "open_clip_loop (DDP)", "zero3": "dsclip ZeRO-3",
+              "zero3+pd50": "dsclip ZeRO-3, patch dropout 0.5"}
+    rows = [[labels[r["system"]], f"{r['samples_per_s']:.0f}", ratio(r["samples_per_s"] / zero3["samples_per_s"])]
+            for r in d["rows"]]
+    args = d["args"]
+    lead = (f"`python bench/train.py --systems {' '.join(args['systems'])} --model {args['model']} --image-size "
+            f"{args['image_size']} --ranks {' '.join(map(str, args['ranks']))} --batch-size "
+            f"{' '.join(map(str, args['batch_size']))}` (`bench/results/train_cpu_patch_dropout.json`):")
+    return lead + "\n\n" + table(["system", "samples/s", "vs ZeRO-3"], "lrr", rows)
+
+
 BLOCKS: dict[str, Callable[[], str]] = {f.__name__: f for f in [
     default_run_table, default_run_median, default_run_slow_windows, default_run_summary,
     train_table, zero3_repeats_summary, train_ckpt_table, scaling_table,
@@ -491,6 +532,7 @@ BLOCKS: dict[str, Callable[[], str]] = {f.__name__: f for f in [
     data_table, data_ratio,
     wiseft_table, wiseft_summary, wiseft_stage_times,
     test_tiers, grad_cache_table, grad_cache_summary, faults_table, zero_init_table, zero_init_summary,
+    strategies_table, strategies_summary, patch_dropout_table,
 ]}
 
 

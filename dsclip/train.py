@@ -29,7 +29,7 @@ def run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] = None,
         new_global_batch: bool = False) -> dict[str, float]:
     """Train (or resume) the run `cfg` describes on every rank; returns its final evaluation."""
     # Heavy imports only here, once the inputs are known to be good.
-    from dsclip.training.bootstrap import start_process_group
+    from dsclip.training.bootstrap import end_process_group, start_process_group
     from dsclip.training.components import build_run
     from dsclip.training.loop import StopSignals, Trainer
 
@@ -42,6 +42,7 @@ def run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] = None,
         finetuned = cfg.export_dir if cfg.train.export else cfg.run_dir
         run_wise_ft(cfg.wise_ft, cfg, zeroshot=cfg.model.pretrained, finetuned=str(finetuned),
                     out_dir=cfg.run_dir / "wise_ft", device=trainer.engine.device)
+    end_process_group()
     return metrics
 
 

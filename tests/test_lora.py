@@ -145,11 +145,11 @@ def test_adapters_freeze_their_towers_and_compose_with_lit():
 
 
 def test_bad_targets_and_settings_fail_clearly():
-    with pytest.raises(ValueError, match="pattern '\\*.nothing' selects no attention or Linear module"):
+    with pytest.raises(ConfigError, match="pattern '\\*.nothing' selects no attention or Linear module"):
         add_adapters(tiny(), AdapterConfig(kind="lora", targets=["*.nothing"]))
-    with pytest.raises(ValueError, match="out_proj is adapted with the attention itself"):
+    with pytest.raises(ConfigError, match="out_proj is adapted with the attention itself"):
         add_adapters(tiny(), AdapterConfig(kind="lora", targets=["*.resblocks.*.attn", "*.attn.out_proj"]))
-    with pytest.raises(ValueError, match="selects visual.ln_post, a LayerNorm"):
+    with pytest.raises(ConfigError, match="selects visual.ln_post, a LayerNorm"):
         add_adapters(tiny(), AdapterConfig(kind="lora", targets=["visual.ln_post"]))
     with pytest.raises(ConfigError, match="adapters.rank=0 must be >= 1"):
         load_config(None, ["adapters.kind=lora", "adapters.rank=0"])
@@ -175,6 +175,25 @@ def test_patch_dropout_shortens_training_forwards_only():
     with torch.no_grad():
         clip.encode_image(images)
     assert lengths == [1 + 8, 1 + 16]  # class token + the kept patches; evaluation sees all
+
+
+def test_adapters_on_a_model_built_partitioned_start_as_on_one_built_whole(tmp_path):
+    """zero.Init partitions the base; peft's and dsclip's adapters are added beside it, whole."""
+    import deepspeed
+
+    from dsclip_testutils import init_single_rank
+    init_single_rank()
+    torch.save(tiny().state_dict(), tmp_path / "base.pt")
+    cfg = ModelConfig(pretrained=str(tmp_path / "base.pt"))
+    zero3 = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
+             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    torch.manual_seed(0)
+    whole = build_model(cfg, adapters=LORA).module.clip
+    torch.manual_seed(0)
+    partitioned = build_model(cfg, partitioned_by=zero3, adapters=LORA).module.clip
+    for (name, param), (_, other) in zip(whole.named_parameters(), partitioned.named_parameters()):
+        with deepspeed.zero.GatheredParameters([other]):
+            assert torch.equal(param, other.data), name
 
 
 def test_base_names_are_open_clips():
@@ -231,3 +250,37 @@ def test_two_zero3_ranks_train_adapters_only_export_merged_and_resume(tmp_path):
     losses = {r["step"]: r["train/loss"] for r in read_metrics(run) if "train/loss" in r}
     resumed = {r["step"]: r["train/loss"] for r in read_metrics(tmp_path / "resumed") if "train/loss" in r}
     assert resumed == pytest.approx({3: losses[3], 4: losses[4]}, abs=1e-5)
+
+
+@pytest.mark.multiprocess
+def test_lora_composes_with_zero2_bf16_checkpointing_layer_decay_and_patch_dropout(tmp_path):
+    """LoRA on the image tower of a LiT-style run (text tower whole, with layer decay), ZeRO-2 in bf16,
+    gradient checkpointing and patch dropout: it trains, only the image adapters and the text tower
+    move, and the export merges."""
+    import json
+
+    from dsclip.model.run_folder import consolidated_state_dict
+    from dsclip_testutils import ds_config, launch, read_metrics
+    base = tiny()
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    config = json.loads(ds_config(2, tmp_path).read_text())
+    config["bf16"] = {"enabled": True}
+    (tmp_path / "zero2_bf16.json").write_text(json.dumps(config))
+    sets = ["train.max_steps=3", "optim.warmup_steps=1", "optim.lr=1e-3", "data.batch_size=8", "eval.at_start=false",
+            "eval.at_end=false", "logging.log_every=1", "logging.plots=false", "adapters.kind=lora",
+            "adapters.towers=image", "freeze.strategy=lit", "optim.text.layer_decay=0.8",
+            "model.grad_checkpointing=true", "model.patch_dropout=0.5"]
+    result = launch(["--deepspeed_config", str(tmp_path / "zero2_bf16.json"), "--output-dir", str(tmp_path / "out"),
+                     "--pretrained", str(tmp_path / "base.pt"), *[a for s in sets for a in ("--set", s)]])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "out" / "default"
+    assert len([r for r in read_metrics(run) if "train/loss" in r]) == 3
+    saved = consolidated_state_dict(run / "checkpoints", "step-3")
+    image_base = {k: v for k, v in saved.items() if k.startswith("visual.") and not is_adapter_key(k)}
+    bf16 = torch.bfloat16  # the frozen weights are held in the engine's dtype
+    assert all(torch.equal(v.to(bf16), base.state_dict()[base_name(k)].to(bf16)) for k, v in image_base.items())
+    assert not torch.equal(saved["token_embedding.weight"], base.state_dict()["token_embedding.weight"])
+    assert any(k.startswith("visual.") and is_adapter_key(k) for k in saved)
+    assert not any(k.startswith("transformer.") and is_adapter_key(k) for k in saved)
+    exported, _, _ = open_clip.create_model_and_transforms(f"local-dir:{run / 'export'}")
+    assert torch.isfinite(features(exported)).all()

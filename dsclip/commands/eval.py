@@ -65,7 +65,7 @@ def evaluate(cfg: RunConfig, ds_config: dict, out: Optional[Path]) -> dict[str, 
 
     from dsclip.eval.tasks import build_evals, run_evals
     from dsclip.loss.contrastive import build_loss
-    from dsclip.training.bootstrap import start_process_group
+    from dsclip.training.bootstrap import end_process_group, start_process_group
     from dsclip.training.ds_config import for_run, precision
     from dsclip.training.engine import build_inference_engine, build_model_for
 
@@ -81,4 +81,5 @@ def evaluate(cfg: RunConfig, ds_config: dict, out: Optional[Path]) -> dict[str, 
         if out:
             out.write_text(json.dumps(metrics, indent=2))
             log.info("metrics written to %s", out)
+    end_process_group()
     return metrics

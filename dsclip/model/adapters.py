@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsclip.errors import PretrainedError
+from dsclip.errors import ConfigError, PretrainedError
 from dsclip.fileio import atomic_write, atomic_write_text
 from dsclip.model.config import AdapterConfig
 from dsclip.model.partition import LayerPartition
@@ -132,20 +132,20 @@ def adaptable_modules(clip: nn.Module, cfg: AdapterConfig) -> tuple[list[str], l
         matched.update(patterns)
         if isinstance(module, nn.MultiheadAttention):
             if not module._qkv_same_embed_dim:
-                raise ValueError(f"adapters.targets selects {name}, an attention with separate key / value widths, "
+                raise ConfigError(f"adapters.targets selects {name}, an attention with separate key / value widths, "
                                  "which LoRA does not adapt: narrow adapters.targets")
             attentions.append(name)
         elif isinstance(module, nn.Linear):
             if any(name == f"{a}.out_proj" for a in attentions):
-                raise ValueError(f"adapters.targets selects {name}: an attention's out_proj is adapted with the "
+                raise ConfigError(f"adapters.targets selects {name}: an attention's out_proj is adapted with the "
                                  "attention itself (as in peft); target the attention module instead")
             linears.append(name)
         else:
-            raise ValueError(f"adapters.targets selects {name}, a {type(module).__name__}: LoRA adapts attention "
+            raise ConfigError(f"adapters.targets selects {name}, a {type(module).__name__}: LoRA adapts attention "
                              "(nn.MultiheadAttention) and nn.Linear modules; narrow adapters.targets")
     unmatched = [p for p in cfg.targets if p not in matched]
     if unmatched:
-        raise ValueError(f"adapters.targets pattern {unmatched[0]!r} selects no attention or Linear module of the "
+        raise ConfigError(f"adapters.targets pattern {unmatched[0]!r} selects no attention or Linear module of the "
                          f"{' and '.join(towers)} tower{'s' if len(towers) > 1 else ''}")
     return attentions, linears
 

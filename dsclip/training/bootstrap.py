@@ -194,3 +194,14 @@ def start_process_group(collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT
     configure_threads()
     init_distributed(collective_timeout_s)
     log.debug("rank %d of %d, %d threads", dist.get_rank(), dist.get_world_size(), torch.get_num_threads())
+
+
+def end_process_group() -> None:
+    """Leave the process group once every rank is done, while the interpreter is whole. Left to
+    interpreter shutdown, gloo's worker threads may still hold the work of an asynchronous
+    collective (ZeRO-3 issues them), whose tensors then need the GIL of a finalizing interpreter:
+    the process aborts ("terminate called without an active exception", exit 250) after a run that
+    succeeded, now and then (pytorch/pytorch#190489; it failed a CI run here)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
