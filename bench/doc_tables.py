@@ -469,7 +469,7 @@ def zero_init_table() -> str:
                      _mib(row["private_peak_model"]), ratio(row["private_peak_model"] / whole["private_peak_model"]),
                      _mib(row["bound_bytes"]), _mib(row["private_peak_engine"]), f"{row['seconds_engine']:.0f} s"])
     return table(["model", "`model.zero_init`", "peak after the model, per rank", "vs built whole",
-                  "half + largest parameter", "peak after the engine, per rank", "start-up"], "llrrrrr", rows)
+                  "model / ranks + largest parameter", "peak after the engine, per rank", "start-up"], "llrrrrr", rows)
 
 
 def zero_init_summary() -> str:
@@ -495,19 +495,24 @@ def strategies_table() -> str:
                      f"{r['trainable']:,} ({100 * r['trainable'] / r['total']:.1f}%)", f"{r['optimizer_mb']:.2f}",
                      f"{r['grads_mb']:.2f}", f"{r['samples_per_s']:.0f}"])
     return table(["strategy", "Fashion-MNIST top-1 % (task)", "shapes top-1 % (kept)", "trainable parameters",
-                  "optimizer MB / rank", "grads MB / rank", "samples/s"], "lrrrrrr", rows)
+                  "optimizer MiB / rank", "grads MiB / rank", "samples/s"], "lrrrrrr", rows)
 
 
 def strategies_summary() -> str:
     d = load("strategies.json")
-    full, lora = d["memory"]
+    shipped, partitioned = (d["memory"][i:i + 2] for i in (0, 2))
+    full, lora = shipped
     return (f"Measured {d['date']} with `python bench/strategies.py` (2 CPU ranks, ZeRO-3, fp32; 1-minute load "
             f"{d['load_before']:.1f} before and {d['load_after']:.1f} after; `bench/results/strategies.json`, plot "
             f"`bench/results/strategies.png`). ViT-B-32 from random init, one step on 2 ranks, per rank: full "
             f"fine-tuning holds {full['grads_mb']:,.0f} MiB of gradients and {full['optimizer_mb']:,.0f} MiB of "
-            f"optimizer state, LoRA rank 16 {lora['grads_mb']:.1f} and {lora['optimizer_mb']:.1f} MiB: "
-            f"{100 * lora['grads_optimizer_vs_full']:.1f}% of full's (weights: {lora['params_mb']:.0f} against "
-            f"{full['params_mb']:.0f} MiB, the frozen base still partitioned).")
+            f"optimizer state, LoRA rank 16 {lora['grads_mb']:.1f} and {lora['optimizer_mb']:.1f} MiB, "
+            f"{100 * lora['grads_optimizer_vs_full']:.1f}% of full's. With the adapters' own weights counted: "
+            f"{100 * partitioned[1]['trainable_state_vs_full']:.1f}% with every parameter partitioned "
+            f"(`stage3_param_persistence_threshold: 0`), {100 * lora['trainable_state_vs_full']:.1f}% with the "
+            f"shipped `ds_configs/zero3.json`, which keeps parameters below "
+            f"{lora['persistence_threshold']:,} elements (every adapter matrix) whole on each rank beside their "
+            f"shard ({lora['adapter_params_mb']:.1f} MiB).")
 
 
 # -- bench/train.py --systems ... zero3+pd50: bench/results/train_cpu_patch_dropout.json -------------------
@@ -521,7 +526,8 @@ def patch_dropout_table() -> str:
     args = d["args"]
     lead = (f"`python bench/train.py --systems {' '.join(args['systems'])} --model {args['model']} --image-size "
             f"{args['image_size']} --ranks {' '.join(map(str, args['ranks']))} --batch-size "
-            f"{' '.join(map(str, args['batch_size']))}` (`bench/results/train_cpu_patch_dropout.json`):")
+            f"{' '.join(map(str, args['batch_size']))} --repeats {args['repeats']}` (the best of the repeats, ratios "
+            f"of the best; {d['rows'][0]['ranks']} CPU ranks, fp32; `bench/results/train_cpu_patch_dropout.json`):")
     return lead + "\n\n" + table(["system", "samples/s", "vs ZeRO-3"], "lrr", rows)
 
 

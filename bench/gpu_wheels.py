@@ -31,7 +31,7 @@ BUILT_FROM_SOURCE = {"deepspeed": {"DS_BUILD_OPS": "0"}, "fairscale": {}}
 # wheels above may rely on without carrying them.
 GPU_IMAGE_HAS = frozenset("""
 accelerate certifi charset-normalizer cuda-bindings einops filelock fsspec huggingface-hub idna jinja2
-markupsafe matplotlib ml-dtypes mpmath msgpack networkx ninja numpy nvidia-ml-py packaging pandas pillow
+markupsafe matplotlib ml-dtypes mpmath msgpack networkx ninja numpy nvidia-ml-py packaging pandas peft pillow
 protobuf psutil py-cpuinfo pyyaml regex requests safetensors scipy setuptools sympy timm tokenizers torch
 torchvision tqdm transformers triton typing-extensions urllib3 wheel
 """.split())

@@ -13,7 +13,8 @@ Stages, each a subprocess as a user would type it:
      frozen image tower, LiT, LoRA rank 4 and 16, full with patch dropout 0.5, and the full run's
      WiSE-FT mix with the pretrained model at alpha 0.5 (`dsclip wise-ft --alphas 0.5`).
   4. Memory at scale: ViT-B-32 from random init, one step on 2 ranks (ZeRO-3, fp32), full fine-tune
-     against LoRA rank 16: params, grads and optimizer bytes per rank, as the run logs them.
+     against LoRA rank 16: params, grads and optimizer bytes per rank, as the run logs them; under the
+     shipped config and with every parameter partitioned (`--memory-only` repeats just this part).
 Per strategy: both zero-shot top-1s, trainable parameters, the optimizer's and the gradients' MB per
 rank (rank 0, logged by the run after its first step), and the median samples/s over the logged
 steps. Prints a table; writes bench/results/strategies.json and a plot of task against kept accuracy
@@ -54,9 +55,9 @@ def with_sets(overrides: list[str]) -> list[str]:
     return [arg for item in overrides for arg in ("--set", item)]
 
 
-def launch(args: list[str]) -> None:
+def launch(args: list[str], ds_config: str = "ds_configs/zero3.json") -> None:
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-               str(free_port()), "dsclip/train.py", "--deepspeed_config", "ds_configs/zero3.json", *args]
+               str(free_port()), "dsclip/train.py", "--deepspeed_config", ds_config, *args]
     print("==", " ".join(command), flush=True)
     subprocess.run(command, cwd=REPO, check=True)
 
@@ -117,18 +118,32 @@ def wise_ft_row(full: dict, pretrained: Path, out: Path) -> dict:
 
 
 def memory_rows(out: Path) -> list[dict]:
+    """Full and LoRA rank 16 under the shipped ZeRO-3 config, and with every parameter partitioned
+    (stage3_param_persistence_threshold 0): the shipped config keeps parameters below 100000 elements,
+    every adapter matrix among them, whole on every rank beside their shard."""
+    shipped = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     rows = []
-    for name, overrides in MEMORY.items():
-        run_name = "memory-" + ("lora" if overrides else "full")
-        launch(["--output-dir", str(out), "--name", run_name, *with_sets([
-            "model.name=ViT-B-32", "data.batch_size=2", "data.synthetic.train_samples=64", "train.max_steps=1",
-            "optim.warmup_steps=0", "eval.at_start=false", "eval.at_end=false", "eval.zeroshot=[]",
-            "train.export=false", "logging.log_every=1", "logging.plots=false", *overrides])])
-        rows.append({"strategy": name, **read_run(out / run_name)})
-        shutil.rmtree(out / run_name / "checkpoints")  # a ViT-B-32 optimizer state is gigabytes
-    full, lora = rows
-    lora["grads_optimizer_vs_full"] = ((lora["grads_mb"] + lora["optimizer_mb"])
-                                       / (full["grads_mb"] + full["optimizer_mb"]))
+    for threshold in (shipped["zero_optimization"]["stage3_param_persistence_threshold"], 0):
+        config = out / f"zero3-persistence-{threshold}.json"
+        config.write_text(json.dumps({**shipped, "zero_optimization": {
+            **shipped["zero_optimization"], "stage3_param_persistence_threshold": threshold}}))
+        pair = []
+        for name, overrides in MEMORY.items():
+            run_name = f"memory-{'lora' if overrides else 'full'}-{threshold}"
+            launch(["--output-dir", str(out), "--name", run_name, *with_sets([
+                "model.name=ViT-B-32", "data.batch_size=2", "data.synthetic.train_samples=64", "train.max_steps=1",
+                "optim.warmup_steps=0", "eval.at_start=false", "eval.at_end=false", "eval.zeroshot=[]",
+                "train.export=false", "logging.log_every=1", "logging.plots=false", *overrides])],
+                   ds_config=str(config))
+            pair.append({"strategy": name, "persistence_threshold": threshold, **read_run(out / run_name)})
+            shutil.rmtree(out / run_name / "checkpoints")  # a ViT-B-32 optimizer state is gigabytes
+        full, lora = pair
+        lora["grads_optimizer_vs_full"] = ((lora["grads_mb"] + lora["optimizer_mb"])
+                                           / (full["grads_mb"] + full["optimizer_mb"]))
+        lora["adapter_params_mb"] = lora["params_mb"] - full["params_mb"]  # the frozen base is the same in both
+        lora["trainable_state_vs_full"] = ((lora["adapter_params_mb"] + lora["grads_mb"] + lora["optimizer_mb"])
+                                           / (full["grads_mb"] + full["optimizer_mb"]))
+        rows += pair
     return rows
 
 
@@ -137,10 +152,13 @@ def plot(rows: list[dict], pretrained: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    points: dict[tuple[float, float], list[str]] = {}  # strategies that ended at the same point share it
+    for row in rows:
+        points.setdefault((row["task_top1"], row["kept_top1"]), []).append(row["strategy"])
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     ax.scatter([pretrained[TASK]], [pretrained[KEPT]], marker="*", s=160, color="black", label="pretrained")
-    for row in rows:
-        ax.scatter([row["task_top1"]], [row["kept_top1"]], s=50, label=row["strategy"])
+    for (task, kept), names in points.items():
+        ax.scatter([task], [kept], s=50, label=" = ".join(names))
     ax.set_xlabel("Fashion-MNIST zero-shot top-1 % (the task)")
     ax.set_ylabel("synthetic shapes zero-shot top-1 % (kept)")
     ax.set_title("dsclip-tiny fine-tuned on Fashion-MNIST, 160 steps of 2 x 64")
@@ -154,8 +172,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "outputs", help="parent of run folders and shards")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "strategies.json")
+    parser.add_argument("--memory-only", action="store_true", help="measure the ViT-B-32 memory part again and "
+                        "replace it in --json, keeping the strategies measured before")
     args = parser.parse_args()
     out = args.out.resolve()
+    if args.memory_only:
+        record = json.loads(args.json.read_text())
+        record["memory"] = memory_rows(out)
+        record["memory_date"] = time.strftime("%Y-%m-%d")
+        args.json.write_text(json.dumps(record, indent=1) + "\n")
+        print_memory(record["memory"])
+        return 0
     record = {"date": time.strftime("%Y-%m-%d"), "load_before": os.getloadavg()[0]}
     shards = out / "fashion-mnist-train"
     if not (shards / "manifest.json").is_file():
@@ -181,12 +208,18 @@ def main() -> int:
     for r in record["rows"]:
         print(f"{r['strategy']:>26} {r['task_top1']:>9.1f} {r['kept_top1']:>9.1f} {r['trainable']:>10,} "
               f"{r['optimizer_mb']:>9.2f} {r['samples_per_s']:>9.0f}")
-    for r in record["memory"]:
-        print(f"ViT-B-32 {r['strategy']}: params {r['params_mb']:.1f} MB, grads {r['grads_mb']:.1f} MB, "
-              f"optimizer {r['optimizer_mb']:.1f} MB per rank")
-    print(f"LoRA rank 16 grads + optimizer: {record['memory'][1]['grads_optimizer_vs_full']:.2%} of full's")
+    print_memory(record["memory"])
     print(f"wrote {args.json} and {args.json.with_suffix('.png')}")
     return 0
+
+
+def print_memory(rows: list[dict]) -> None:
+    for r in rows:
+        print(f"ViT-B-32 {r['strategy']}, persistence threshold {r['persistence_threshold']}: params "
+              f"{r['params_mb']:.1f} MiB, grads {r['grads_mb']:.1f} MiB, optimizer {r['optimizer_mb']:.1f} MiB per rank")
+        if "trainable_state_vs_full" in r:
+            print(f"  LoRA rank 16: grads + optimizer {r['grads_optimizer_vs_full']:.2%} of full's; with its adapter "
+                  f"weights ({r['adapter_params_mb']:.1f} MiB) {r['trainable_state_vs_full']:.2%}")
 
 
 if __name__ == "__main__":

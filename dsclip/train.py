@@ -18,6 +18,7 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == _here:
     sys.path[0] = os.path.dirname(_here)
 
 import argparse  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
 from dsclip.commands.common import (DEFAULT_DS_CONFIG, add_ds_config, add_launcher_rank, add_log_level,  # noqa: E402
@@ -40,8 +41,9 @@ def run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] = None,
     if cfg.wise_ft.enabled and not trainer.stopped_by_signal:
         from dsclip.ensemble.wiseft import run_wise_ft
         finetuned = cfg.export_dir if cfg.train.export else cfg.run_dir
+        started_from = Path(cfg.adapters.weights) if cfg.adapters.weights else None  # the zero-shot end
         run_wise_ft(cfg.wise_ft, cfg, zeroshot=cfg.model.pretrained, finetuned=str(finetuned),
-                    out_dir=cfg.run_dir / "wise_ft", device=trainer.engine.device)
+                    out_dir=cfg.run_dir / "wise_ft", device=trainer.engine.device, adapters=(started_from, None))
     end_process_group()
     return metrics
 

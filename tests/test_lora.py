@@ -9,6 +9,7 @@ merged export equals the adapted model, resume continues exactly, the adapter fo
 No pretrained CLIP weights can be downloaded here: the "pretrained" file is a randomly initialised
 open_clip model saved in open_clip's state-dict layout."""
 import copy
+import json
 
 import open_clip
 import pytest
@@ -85,7 +86,7 @@ def test_lora_attention_computes_torch_attention_at_the_merged_weights(batch_fir
 def test_adapted_model_starts_as_its_base_and_merges_back_into_plain_open_clip():
     base = tiny()
     adapted = copy.deepcopy(base)
-    assert add_adapters(adapted, LORA) == 9  # 2 image blocks x 3 + 1 text block x 3: attention, c_fc, c_proj
+    assert add_adapters(adapted, LORA) == (3, 6)  # attentions, c_fc + c_proj: 2 image blocks, 1 text block
     torch.testing.assert_close(features(adapted), features(base), rtol=0, atol=1e-6)
     assert isinstance(adapted.visual.transformer.resblocks[0].attn, LoraSelfAttention)
     trained_like(adapted)
@@ -117,6 +118,17 @@ def test_adapter_folder_round_trips_merges_at_load_and_peft_reads_every_key(tmp_
     result = set_peft_model_state_dict(with_peft, load_file(str(tmp_path / "adapters" / "adapter_model.safetensors")))
     assert not result.unexpected_keys and not [k for k in result.missing_keys if "lora_" in k]
 
+    out_proj_only = trained_like(add_adapters_to(copy.deepcopy(base), AdapterConfig(kind="lora", targets=[
+        "*.attn.out_proj"])))  # a Linear on its own: peft keys without the attention layer's base_layer
+    write_adapters(out_proj_only.state_dict(), "dsclip-tiny", tmp_path / "out_proj")
+    with_peft = inject_adapter_in_model(LoraConfig.from_pretrained(str(tmp_path / "out_proj")), copy.deepcopy(base))
+    result = set_peft_model_state_dict(with_peft, load_file(str(tmp_path / "out_proj" / "adapter_model.safetensors")))
+    assert not result.unexpected_keys and not [k for k in result.missing_keys if "lora_" in k]
+
+    config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+    (tmp_path / "adapters" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(PretrainedError, match="dsclip reads plain LoRA"):
+        read_adapters(tmp_path / "adapters")
     other_rank = add_adapters_to(copy.deepcopy(base), AdapterConfig(kind="lora", rank=2))
     with pytest.raises(PretrainedError, match="do not fit this model's .*set adapters.rank"):
         load_adapters(other_rank, reread, "test")
@@ -151,10 +163,25 @@ def test_bad_targets_and_settings_fail_clearly():
         add_adapters(tiny(), AdapterConfig(kind="lora", targets=["*.resblocks.*.attn", "*.attn.out_proj"]))
     with pytest.raises(ConfigError, match="selects visual.ln_post, a LayerNorm"):
         add_adapters(tiny(), AdapterConfig(kind="lora", targets=["visual.ln_post"]))
+    with pytest.raises(ConfigError, match="selects no module of the text tower"):  # it would train nothing
+        add_adapters(tiny(), AdapterConfig(kind="lora", targets=["visual.*.attn"]))
     with pytest.raises(ConfigError, match="adapters.rank=0 must be >= 1"):
         load_config(None, ["adapters.kind=lora", "adapters.rank=0"])
     with pytest.raises(ConfigError, match="model.patch_dropout=1.0 must be in"):
         load_config(None, ["model.patch_dropout=1.0"])
+
+
+def test_wise_ft_mixes_a_base_with_its_adapters(tmp_path):
+    from dsclip.ensemble.mixing import load_endpoints
+    base = tiny()
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    adapted = trained_like(add_adapters_to(copy.deepcopy(base)))
+    write_adapters(adapted.state_dict(), "dsclip-tiny", tmp_path / "adapters")
+    start, end = load_endpoints(tiny(), "dsclip-tiny", str(tmp_path / "base.pt"), str(tmp_path / "base.pt"),
+                                adapters=(None, tmp_path / "adapters"))
+    merged = merged_state_dict(adapted.state_dict())
+    assert all(torch.equal(start[k], v) for k, v in base.state_dict().items())
+    assert all(torch.allclose(end[k], v, atol=1e-6) for k, v in merged.items())
 
 
 def test_merged_adapters_need_base_weights(tmp_path):
@@ -257,8 +284,6 @@ def test_lora_composes_with_zero2_bf16_checkpointing_layer_decay_and_patch_dropo
     """LoRA on the image tower of a LiT-style run (text tower whole, with layer decay), ZeRO-2 in bf16,
     gradient checkpointing and patch dropout: it trains, only the image adapters and the text tower
     move, and the export merges."""
-    import json
-
     from dsclip.model.run_folder import consolidated_state_dict
     from dsclip_testutils import ds_config, launch, read_metrics
     base = tiny()

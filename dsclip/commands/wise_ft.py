@@ -15,7 +15,9 @@ def parser() -> argparse.ArgumentParser:
         "over a range of alphas and save the chosen mix as an open_clip model.")
     p.add_argument("--zeroshot", required=True, metavar="SOURCE", help="alpha = 0 weights: open_clip tag, "
                    "weights file, HF-style folder, hf-hub:org/name or dsclip run folder (as --pretrained)")
-    p.add_argument("--finetuned", required=True, metavar="SOURCE", help="alpha = 1 weights (same kinds)")
+    p.add_argument("--finetuned", metavar="SOURCE", help="alpha = 1 weights (same kinds)")
+    p.add_argument("--adapters", type=Path, metavar="FOLDER", help="LoRA adapters (an export's adapters/) merged "
+                   "into the alpha = 1 end, which is then --finetuned or, without it, --zeroshot")
     p.add_argument("--alphas", default=DEFAULT_ALPHAS, help=f"start:stop:step (stop included), a comma "
                    f"list or one number; default {DEFAULT_ALPHAS}")
     p.add_argument("--eval", dest="recipe", metavar="RECIPE", help="recipe YAML whose model: section names the "
@@ -34,7 +36,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if not (args.finetuned or args.adapters):
+        p.error("name the alpha = 1 end: --finetuned SOURCE, or --adapters FOLDER (merged into --zeroshot)")
     return guarded(args, lambda: wise_ft(args))
 
 
@@ -48,6 +53,6 @@ def wise_ft(args: argparse.Namespace) -> int:
         split_tasks(run_cfg.eval)
     except ValueError as e:
         raise ConfigError(str(e).replace("wise_ft.alphas", "--alphas").replace("wise_ft.save_alpha", "--save-alpha"))
-    run_wise_ft(cfg, run_cfg, args.zeroshot, args.finetuned, args.report_dir or run_cfg.run_dir / "wise_ft",
-                weights_out=args.out)
+    run_wise_ft(cfg, run_cfg, args.zeroshot, args.finetuned or args.zeroshot,
+                args.report_dir or run_cfg.run_dir / "wise_ft", weights_out=args.out, adapters=(None, args.adapters))
     return 0

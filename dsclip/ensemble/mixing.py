@@ -7,13 +7,15 @@ reproduce the two inputs exactly. Later weight averages (EMA, soups) reuse these
 """
 import logging
 import math
+from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
 
 from dsclip.errors import WiseFtError
 from dsclip.model.pos_embed import fit_pos_embeds
-from dsclip.model.pretrained import fit_state_dict, read_source
+from dsclip.model.pretrained import fit_state_dict, read_source, with_adapters
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +50,12 @@ def layout_differences(a: dict[str, tuple[tuple[int, ...], bool]],
     return problems
 
 
-def load_endpoint(clip: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+def load_endpoint(clip: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                  adapters: Optional[Path] = None) -> dict[str, torch.Tensor]:
     """`state_dict` in the model's own layout (conversions and position-embedding fit as for
-    --pretrained), as a copy the sweep keeps; every model tensor must come from the source."""
-    incompatible = clip.load_state_dict(fit_state_dict(clip, state_dict, source), strict=False)
+    --pretrained), LoRA `adapters` merged in, as a copy the sweep keeps; every model tensor must
+    come from the source."""
+    incompatible = clip.load_state_dict(with_adapters(fit_state_dict(clip, state_dict, source), adapters), strict=False)
     if incompatible.missing_keys:
         raise WiseFtError(f"{source} lacks {len(incompatible.missing_keys)} tensors of this architecture "
                           f"({', '.join(incompatible.missing_keys[:MAX_LISTED])}): the mix would keep random values "
@@ -62,22 +66,24 @@ def load_endpoint(clip: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     return {key: tensor.detach().clone() for key, tensor in clip.state_dict().items()}
 
 
-def load_endpoints(clip: nn.Module, model_name: str, zeroshot: str, finetuned: str,
-                   trust: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Both endpoints in the model's layout, after checking that they are one architecture.
+def load_endpoints(clip: nn.Module, model_name: str, zeroshot: str, finetuned: str, trust: bool = False,
+                   adapters: tuple[Optional[Path], Optional[Path]] = (None, None)
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Both endpoints in the model's layout, after checking that they are one architecture;
+    `adapters`: LoRA adapter folders merged into the zero-shot and the fine-tuned end.
 
     Position embeddings are fitted to the model before comparing, so a fine-tune at a new image
     size or context length still mixes with its zero-shot model. One raw source is held at a time.
     """
     raw = read_source(model_name, zeroshot, trust)
     zeroshot_layout = layout(fit_pos_embeds(raw, clip))
-    start = load_endpoint(clip, raw, zeroshot)
+    start = load_endpoint(clip, raw, zeroshot, adapters[0])
     raw = read_source(model_name, finetuned, trust)
     problems = layout_differences(zeroshot_layout, layout(fit_pos_embeds(raw, clip)), ("zero-shot", "fine-tuned"))
     if problems:
         raise WiseFtError(f"zero-shot {zeroshot} and fine-tuned {finetuned} are different architectures: "
                           + "; ".join(problems) + ". WiSE-FT mixes two checkpoints of one architecture")
-    end = load_endpoint(clip, raw, finetuned)
+    end = load_endpoint(clip, raw, finetuned, adapters[1])
     different_ints = [k for k in start if not start[k].is_floating_point() and not torch.equal(start[k], end[k])]
     if different_ints:
         log.warning("WiSE-FT: integer tensors differ between the endpoints and are copied from the nearer one: %s",

@@ -107,10 +107,11 @@ def split_tasks(cfg: EvalConfig) -> tuple[list[str], list[str]]:
 
 
 def run_wise_ft(cfg: WiseFtConfig, run_cfg: RunConfig, zeroshot: str, finetuned: str, out_dir: Path,
-                weights_out: Optional[Path] = None, device: Optional[torch.device] = None) -> SweepResult:
+                weights_out: Optional[Path] = None, device: Optional[torch.device] = None,
+                adapters: tuple[Optional[Path], Optional[Path]] = (None, None)) -> SweepResult:
     """Sweep `cfg.alphas` between two checkpoints of `run_cfg.model`'s architecture, evaluating
     `run_cfg.eval`; rank 0 writes the report to `out_dir` and the chosen weights to `weights_out`
-    (default out_dir/export).
+    (default out_dir/export). `adapters`: LoRA folders merged into the zero-shot and fine-tuned end.
 
     Without torch.distributed this runs in one process. Under a process group every rank must
     call it (evaluation is sharded over the ranks in lockstep); each rank holds a full model.
@@ -123,7 +124,7 @@ def run_wise_ft(cfg: WiseFtConfig, run_cfg: RunConfig, zeroshot: str, finetuned:
                                     activation_offload=False)
     bundle = build_model(model_cfg)
     clip = bundle.module.clip
-    start, end = load_endpoints(clip, model_cfg.name, zeroshot, finetuned, run_cfg.model.trust_checkpoint)
+    start, end = load_endpoints(clip, model_cfg.name, zeroshot, finetuned, run_cfg.model.trust_checkpoint, adapters)
     bundle.module.to(device)
     evals = build_evals(run_cfg.eval, bundle, run_cfg.data.synthetic, run_cfg.seed, build_loss(run_cfg.loss))
 

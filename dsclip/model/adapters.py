@@ -37,6 +37,8 @@ BASE = ".base_layer"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file names
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # peft's prefix of every key in an adapter file
+# peft LoRA settings that change what a lora_A / lora_B pair means (per-module ranks, other scalings)
+PLAIN_LORA_ONLY = ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
 
 
 class LoraSelfAttention(nn.MultiheadAttention):
@@ -123,13 +125,14 @@ def adaptable_modules(clip: nn.Module, cfg: AdapterConfig) -> tuple[list[str], l
     that selects nothing, or a module LoRA cannot adapt, is an error."""
     partition = LayerPartition(clip)
     towers = adapted_towers(cfg)
-    attentions, linears, matched = [], [], set()
+    attentions, linears, matched, reached = [], [], set(), set()
     for name, module in clip.named_modules():
         patterns = [p for p in cfg.targets if fnmatch.fnmatchcase(name, p)]
         first_param = next((n for n, _ in module.named_parameters(prefix=name)), None)
         if not patterns or first_param is None or partition.tower(first_param) not in towers:
             continue
         matched.update(patterns)
+        reached.add(partition.tower(first_param))
         if isinstance(module, nn.MultiheadAttention):
             if not module._qkv_same_embed_dim:
                 raise ConfigError(f"adapters.targets selects {name}, an attention with separate key / value widths, "
@@ -147,12 +150,18 @@ def adaptable_modules(clip: nn.Module, cfg: AdapterConfig) -> tuple[list[str], l
     if unmatched:
         raise ConfigError(f"adapters.targets pattern {unmatched[0]!r} selects no attention or Linear module of the "
                          f"{' and '.join(towers)} tower{'s' if len(towers) > 1 else ''}")
+    bare = [tower for tower in towers if tower not in reached]
+    if bare:  # it would be frozen with nothing in it to train
+        raise ConfigError(f"adapters.targets selects no module of the {bare[0]} tower ({type(clip).__name__}'s "
+                          f"{bare[0]} tower has none of that name): set adapters.towers to the other tower, or "
+                          "targets that name its attention / Linear modules")
     return attentions, linears
 
 
-def add_adapters(clip: nn.Module, cfg: AdapterConfig) -> int:
-    """Put LoRA adapters into the bare open_clip `clip` in place; returns how many modules got one.
-    Call on every rank with the same RNG state (the A matrices are random)."""
+def add_adapters(clip: nn.Module, cfg: AdapterConfig) -> tuple[int, int]:
+    """Put LoRA adapters into the bare open_clip `clip` in place; returns how many attention and
+    Linear modules got one (an attention's out_proj counted with it). Call on every rank with the
+    same RNG state (the A matrices are random)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     attentions, linears = adaptable_modules(clip, cfg)
@@ -163,7 +172,7 @@ def add_adapters(clip: nn.Module, cfg: AdapterConfig) -> int:
     for name in attentions:
         LoraSelfAttention.adapting(modules[name], cfg.rank, cfg.alpha, cfg.dropout)
     clip.register_buffer(SCALING_KEY, torch.tensor([cfg.alpha / cfg.rank]))
-    return len(attentions) + len(linears)
+    return len(attentions), len(linears)
 
 
 LORA_A, LORA_B = f".lora_A.{ADAPTER}.weight", f".lora_B.{ADAPTER}.weight"
@@ -216,10 +225,10 @@ def write_adapters(state: dict[str, torch.Tensor], model_name: str, folder: Path
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    attentions = {k[:-len(".in_proj_weight")] for k in state if k.endswith(".in_proj_weight")}
+    modules = sorted(k[:-len(LORA_A)] for k in state if k.endswith(LORA_A))
+    attentions = {m for m in modules if f"{m}.in_proj_weight" in state}  # adapted attentions (not out_proj alone)
     tensors = {to_peft_key(k, attentions): v.contiguous() for k, v in state.items()
                if is_adapter_key(k) and k != SCALING_KEY}
-    modules = sorted(k[:-len(LORA_A)] for k in state if k.endswith(LORA_A))
     targets = [m for m in modules if m.rpartition(".out_proj")[0] not in attentions]
     rank = state[modules[0] + LORA_A].shape[0]
     config = LoraConfig(r=rank, lora_alpha=float(state[SCALING_KEY]) * rank, lora_dropout=dropout,
@@ -251,7 +260,17 @@ def read_adapters(folder: Path) -> dict[str, torch.Tensor]:
         tensors = load_file(str(weights))
     except (ValueError, KeyError, TypeError, ZeroDivisionError, SafetensorError) as e:
         raise PretrainedError(f"cannot read the adapters in {folder}: {type(e).__name__}: {e}") from None
+    variants = [key for key in PLAIN_LORA_ONLY if config.get(key)]
+    if variants or config.get("peft_type", "LORA") != "LORA":
+        raise PretrainedError(f"{folder} holds {config.get('peft_type')} adapters with "
+                              f"{', '.join(variants) or 'them'}: dsclip reads plain LoRA (one rank and alpha for "
+                              "every module)")
     state = {from_peft_key(k): v for k, v in tensors.items()}
+    halves = {k.replace(LORA_B, LORA_A) for k in state if k.endswith(LORA_B)}
+    unpaired = halves ^ {k for k in state if k.endswith(LORA_A)}
+    if unpaired:
+        raise PretrainedError(f"{folder}: {sorted(unpaired)[0]} has no partner (every lora_A needs its lora_B): the "
+                              "adapter file is incomplete")
     state[SCALING_KEY] = torch.tensor([scale], dtype=torch.float32)
     return state
 

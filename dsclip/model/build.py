@@ -125,8 +125,10 @@ def build_model(cfg: ModelConfig, load_weights: bool = True, partitioned_by: Opt
     if load_weights:
         load_initial_weights(clip, cfg, adapters)
     if adapters.kind == "lora":
-        log.info("LoRA adapters (rank %d, alpha %g) in %d modules of %s", adapters.rank, adapters.alpha,
-                 add_adapters(clip, adapters), "both towers" if adapters.towers == "both" else f"the {adapters.towers} tower")
+        attentions, linears = add_adapters(clip, adapters)
+        log.info("LoRA adapters (rank %d, alpha %g) in %d attention and %d Linear modules of %s", adapters.rank,
+                 adapters.alpha, attentions, linears,
+                 "both towers" if adapters.towers == "both" else f"the {adapters.towers} tower")
         if adapters.weights and load_weights:
             load_adapters(clip, read_adapters(Path(adapters.weights)), adapters.weights)
     if cfg.patch_dropout:

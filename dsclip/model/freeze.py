@@ -26,10 +26,11 @@ from open_clip.hf_model import HFTextEncoder
 from open_clip.transformer import lock_text_tower
 from torch import nn
 
-from dsclip.model.adapters import is_adapter_key
+from dsclip.errors import ConfigError
+from dsclip.model.adapters import base_name, is_adapter_key
 from dsclip.model.config import LOCKS_IMAGE, LOCKS_TEXT, FreezeConfig, Strategy, TextFreezeConfig
 from dsclip.model.partition import TOWERS, LayerPartition, Tower, layer_label
-from dsclip.model.zero_init import full_shape
+from dsclip.model.zero_init import full_shape, is_partitioned
 
 
 @dataclass
@@ -174,8 +175,12 @@ def apply_freeze(model: nn.Module, cfg: FreezeConfig, adapted: tuple[str, ...] =
     ``freeze_bn_stats`` swaps BatchNorm modules for frozen ones (ResNet / timm towers).
     """
     cfg.validate()
+    if cfg.image.freeze_bn_stats and is_partitioned(model):
+        raise ConfigError("freeze.image.freeze_bn_stats with a model built partitioned (model.zero_init): the "
+                          "frozen BatchNorm copies its statistics when the parameters are empty shards; set "
+                          "model.zero_init: false")
     partition = LayerPartition(model)
-    names = [n for n, _ in model.named_parameters()]
+    names = [base_name(n) for n, _ in model.named_parameters()]  # patterns name open_clip's parameters
     for key in ("include", "exclude"):
         for pattern in getattr(cfg, key):
             if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
@@ -195,9 +200,9 @@ def apply_freeze(model: nn.Module, cfg: FreezeConfig, adapted: tuple[str, ...] =
             param.requires_grad = True
         elif partition.tower(name) in adapted or (len(adapted) == 2 and partition.tower(name) == "other"):
             param.requires_grad = False  # adapters on both towers: they alone train (include logit_scale to add it)
-        if _matches(name, cfg.include):
+        if _matches(base_name(name), cfg.include):
             param.requires_grad = True
-        if _matches(name, cfg.exclude):
+        if _matches(base_name(name), cfg.exclude):
             param.requires_grad = False
     return summarize_freeze(model, cfg.strategy)
 

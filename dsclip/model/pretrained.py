@@ -39,8 +39,7 @@ def load_pretrained(clip: nn.Module, model_name: str, source: str, trust: bool =
     partitioned (zero.Init), rank 0 alone reads them and fills the ranks' shards one gathered
     parameter at a time."""
     def read() -> dict[str, torch.Tensor]:
-        state_dict = fit_state_dict(clip, read_source(model_name, source, trust), source)
-        return merged_state_dict({**state_dict, **read_adapters(adapters)}) if adapters else state_dict
+        return with_adapters(fit_state_dict(clip, read_source(model_name, source, trust), source), adapters)
 
     if is_partitioned(clip):
         state_dict: dict[str, torch.Tensor] = {}
@@ -164,6 +163,11 @@ def is_torchscript(path: Path) -> bool:
         return False
     with zipfile.ZipFile(path) as archive:
         return any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
+
+
+def with_adapters(state_dict: dict[str, torch.Tensor], adapters: Optional[Path]) -> dict[str, torch.Tensor]:
+    """A state dict in the model's layout with the LoRA `adapters` folder merged into it (if given)."""
+    return merged_state_dict({**state_dict, **read_adapters(adapters)}) if adapters else state_dict
 
 
 def fit_state_dict(clip: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:

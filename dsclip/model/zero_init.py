@@ -40,7 +40,8 @@ class _GatherWhatInitWrites(TorchFunctionMode):
     has partitioned the children by then, so those writes would land in empty tensors and leave
     PyTorch's default init (the token embedding at std 1 instead of 0.02). DeepSpeed gathers
     around Module.apply only. With this mode every rank draws the same numbers from the same
-    generator on the gathered tensor, so the model starts from the weights it has built whole."""
+    generator on the gathered tensor, so the model starts from the weights it has built whole on
+    the same device."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
