@@ -240,9 +240,24 @@ def _lora_run(rank: int, out: str, resume: str = "") -> dict:
     engine = trainer.engine
     stepped = {id(p) for group in engine.optimizer.fp16_groups for p in group}  # what ZeRO-3's optimizer steps
     stepped_names = sorted(n for n, p in engine.module.named_parameters() if id(p) in stepped)
+    images, texts = inputs()
+    engine.eval()
+    with torch.no_grad():  # through the engine: ZeRO-3 gathers the partitioned base for the forward
+        image_features, text_features, _, _ = engine(images, texts)
+    engine.train()
+    base = open_clip.create_model("dsclip-tiny", nonscalar_logit_scale=True)
+    base.load_state_dict(torch.load(f"{out}/base.pt"))
+    at_start = (torch.cat([image_features, text_features], dim=1) - features_normalized(base)).abs().max().item()
     trainer.train()
     return {"stepped": stepped_names, "adapters": sorted(n for n, _ in engine.module.named_parameters()
-                                                         if is_adapter_key(n))}
+                                                         if is_adapter_key(n)), "at_start": at_start}
+
+
+def features_normalized(model: nn.Module) -> torch.Tensor:
+    images, texts = inputs()
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model.encode_image(images, normalize=True), model.encode_text(texts, normalize=True)], 1)
 
 
 @pytest.mark.multiprocess
@@ -256,6 +271,7 @@ def test_two_zero3_ranks_train_adapters_only_export_merged_and_resume(tmp_path):
     ds_config(3, tmp_path)
     ranks = run_on_ranks(functools.partial(_lora_run, out=str(tmp_path)), 2, tmp_path)
     assert ranks[0]["stepped"] == ranks[0]["adapters"] and ranks[0]["adapters"]  # only adapters have optimizer state
+    assert max(r["at_start"] for r in ranks) < 1e-5  # the adapted model starts as its base model
 
     run = tmp_path / "lora"
     saved = consolidated_state_dict(run / "checkpoints", "step-4")
