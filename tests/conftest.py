@@ -16,3 +16,11 @@ else:
     from dsclip.model.architectures import registered
 
     registered()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The one-rank process group some tests start in this process ends before interpreter
+    shutdown, which gloo's pending work can abort (pytorch/pytorch#190489)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -108,12 +108,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def _rank_entry(rank: int, worker: Callable[[int], dict], world: int, port: int, out_dir: str) -> None:
     import torch
 
-    from dsclip.training.bootstrap import init_distributed
+    from dsclip.training.bootstrap import end_process_group, init_distributed
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     init_distributed()  # also releases the /dev/shm names
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(worker(rank)))
+    end_process_group()  # before interpreter shutdown, which gloo's pending work can abort
 
 
 def run_on_ranks(worker: Callable[[int], dict], world: int, out_dir: Path) -> list[dict]:

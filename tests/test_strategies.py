@@ -81,7 +81,7 @@ def drive(out: Path, cases: list[str]) -> None:
     import torch
     import torch.distributed as dist
     from dsclip.config import load_config
-    from dsclip.training.bootstrap import init_distributed, quiet_libraries
+    from dsclip.training.bootstrap import end_process_group, init_distributed, quiet_libraries
     from dsclip_testutils import make_trainer
     if "lit-minilm" in cases:
         from dsclip.model.architectures import registered
@@ -109,6 +109,7 @@ def drive(out: Path, cases: list[str]) -> None:
         }
         (out / f"{case}.rank{dist.get_rank()}.json").write_text(json.dumps(facts))
         dist.barrier()
+    end_process_group()
 
 
 # -- test ---------------------------------------------------------------------------------------

@@ -136,20 +136,20 @@ def adaptable_modules(clip: nn.Module, cfg: AdapterConfig) -> tuple[list[str], l
         if isinstance(module, nn.MultiheadAttention):
             if not module._qkv_same_embed_dim:
                 raise ConfigError(f"adapters.targets selects {name}, an attention with separate key / value widths, "
-                                 "which LoRA does not adapt: narrow adapters.targets")
+                                  "which LoRA does not adapt: narrow adapters.targets")
             attentions.append(name)
         elif isinstance(module, nn.Linear):
             if any(name == f"{a}.out_proj" for a in attentions):
                 raise ConfigError(f"adapters.targets selects {name}: an attention's out_proj is adapted with the "
-                                 "attention itself (as in peft); target the attention module instead")
+                                  "attention itself (as in peft); target the attention module instead")
             linears.append(name)
         else:
             raise ConfigError(f"adapters.targets selects {name}, a {type(module).__name__}: LoRA adapts attention "
-                             "(nn.MultiheadAttention) and nn.Linear modules; narrow adapters.targets")
+                              "(nn.MultiheadAttention) and nn.Linear modules; narrow adapters.targets")
     unmatched = [p for p in cfg.targets if p not in matched]
     if unmatched:
         raise ConfigError(f"adapters.targets pattern {unmatched[0]!r} selects no attention or Linear module of the "
-                         f"{' and '.join(towers)} tower{'s' if len(towers) > 1 else ''}")
+                          f"{' and '.join(towers)} tower{'s' if len(towers) > 1 else ''}")
     bare = [tower for tower in towers if tower not in reached]
     if bare:  # it would be frozen with nothing in it to train
         raise ConfigError(f"adapters.targets selects no module of the {bare[0]} tower ({type(clip).__name__}'s "
