@@ -61,6 +61,11 @@ class RunConfig:
         """Where the run's open_clip export goes (train.export), and where WiSE-FT finds it."""
         return self.run_dir / "export"
 
+    @property
+    def transformers_export_dir(self) -> Path:
+        """Where train.export_transformers writes the run's CLIPModel folder."""
+        return self.run_dir / "export-transformers"
+
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)

@@ -50,6 +50,10 @@ class CheckpointSaveError(CheckpointError, RankError):
     """This rank could not write its part of a checkpoint (a full disk, a lost mount)."""
 
 
+class TransformersExportError(UserError):
+    """The architecture has something transformers' CLIPModel cannot hold."""
+
+
 class LossKernelError(UserError):
     """The Triton loss kernels disagree with their PyTorch twin on this device: use the twin."""
 

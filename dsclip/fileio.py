@@ -13,8 +13,7 @@ def atomic_write(target: Path, write: Callable[[str], None]) -> None:
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         write(str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        sync_file(tmp)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -24,6 +23,11 @@ def atomic_write(target: Path, write: Callable[[str], None]) -> None:
 
 def atomic_write_text(target: Path, text: str) -> None:
     atomic_write(target, lambda path: Path(path).write_text(text))
+
+
+def sync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def sync_folder(folder: Path) -> None:
@@ -37,3 +41,14 @@ def sync_folder(folder: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then the folders themselves: a folder about to be renamed
+    into place is on disk first."""
+    for path in sorted(Path(folder).rglob("*"), reverse=True):
+        if path.is_file():
+            sync_file(path)
+        else:
+            sync_folder(path)
+    sync_folder(Path(folder))

@@ -308,8 +308,7 @@ def test_export_command_writes_safetensors_in_the_chosen_dtype(tmp_path, capsys)
     exports = {}
     for dtype in ("fp32", "bf16", "fp16"):
         exports[dtype] = tmp_path / "exported" / f"{dtype}.safetensors"
-        assert export_main([str(tmp_path / "default"), "--out", str(exports[dtype]), "--dtype", dtype,
-                            "--safetensors"]) == 0
+        assert export_main([str(tmp_path / "default"), "--out", str(exports[dtype]), "--dtype", dtype]) == 0
         assert exports[dtype].with_suffix(".json").is_file()
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(4, 3, 32, 32, generator=generator)

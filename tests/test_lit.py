@@ -29,7 +29,7 @@ from dsclip_testutils import ds_config, init_single_rank, make_trainer, read_met
 LIT_MODEL = "dsclip-tiny-minilm"
 TOP1 = "eval/synthetic/top1"
 CHANCE = 100 / 12  # synthetic shapes, 12 classes
-IMAGE_WEIGHTS = "{}/image/export/open_clip_pytorch_model.bin"
+IMAGE_WEIGHTS = "{}/image/export/open_clip_model.safetensors"
 
 
 def test_every_image_tower_gets_a_minilm_architecture_with_its_own_vision_config():
@@ -111,7 +111,7 @@ def check_lit_export(tmp_path) -> None:
     """The image tower is bit-identical to the weights it started from, MiniLM trained, and plain
     open_clip loads the export."""
     export = tmp_path / "lit" / "export"
-    lit = read_weights(export / "open_clip_pytorch_model.bin")
+    lit = read_weights(export / "open_clip_model.safetensors")
     start = read_weights(IMAGE_WEIGHTS.format(tmp_path))
     visual = [k for k in lit if k.startswith("visual.")]
     assert visual and all(torch.equal(lit[k], start[k]) for k in visual), "the locked image tower must not move"
@@ -129,4 +129,4 @@ def check_lit_export(tmp_path) -> None:
 
 
 def read_weights(path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True, map_location="cpu")
+    return load_file(str(path))

@@ -7,6 +7,7 @@ import deepspeed
 import open_clip
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dsclip.config import load_config
 from dsclip.train import main as train_main
@@ -32,7 +33,7 @@ def test_default_run_on_two_ranks_learns_the_synthetic_task(tmp_path):
     assert evals[0]["eval/synthetic/top1"] < 25, "before training: near chance (1/12)"
     assert evals[-1]["eval/synthetic/top1"] >= 80, evals
     assert losses[-1] < losses[0] - 1.0, losses
-    assert (run_dir / "export" / "open_clip_pytorch_model.bin").is_file()
+    assert (run_dir / "export" / "open_clip_model.safetensors").is_file()
     assert (run_dir / "checkpoints" / "latest").is_file()
     assert "before ->" in result.stdout
     # one logging path: rank 0's INFO lines appear once, rank 1 says nothing, library chatter is held back
@@ -79,7 +80,7 @@ def test_export_loads_in_plain_open_clip_with_the_engines_embeddings(tmp_path, s
         engine_images, engine_texts, _, _ = trainer.engine(images=images, texts=texts)
     export_dir = tmp_path / "default" / "export"
     size = images.shape[-1]
-    for name, pretrained, force_size in (("dsclip-tiny", str(export_dir / "open_clip_pytorch_model.bin"), size),
+    for name, pretrained, force_size in (("dsclip-tiny", str(export_dir / "open_clip_model.safetensors"), size),
                                          (f"local-dir:{export_dir}", None, None)):  # its config carries the size
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained,
                                                                      force_image_size=force_size)
@@ -89,7 +90,7 @@ def test_export_loads_in_plain_open_clip_with_the_engines_embeddings(tmp_path, s
             plain_texts = model.encode_text(texts, normalize=True)
         assert (plain_images - engine_images).abs().max() <= 1e-5
         assert (plain_texts - engine_texts).abs().max() <= 1e-5
-    trained = torch.load(export_dir / "open_clip_pytorch_model.bin", weights_only=True)
+    trained = load_file(str(export_dir / "open_clip_model.safetensors"))
     assert trained["logit_scale"].shape == ()
     exported = json.loads((export_dir / "open_clip_config.json").read_text())
     assert exported["model_cfg"]["vision_cfg"]["image_size"] == size

@@ -14,6 +14,7 @@ import open_clip
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 from torch import nn
 
 from dsclip.config import load_config
@@ -199,8 +200,8 @@ def test_two_ranks_shard_the_evaluation_and_agree_with_one_process(tmp_path, end
                       zeroshot, finetuned, tmp_path / "one")
     two = json.loads((tmp_path / "two" / "wise_ft.json").read_text())
     assert [row["metrics"] for row in two["rows"]] == [row.metrics for row in one.rows]
-    assert torch.equal(torch.load(tmp_path / "two" / "export" / "open_clip_pytorch_model.bin")["visual.proj"],
-                       torch.load(one.weights)["visual.proj"])
+    assert torch.equal(load_file(str(tmp_path / "two" / "export" / "open_clip_model.safetensors"))["visual.proj"],
+                       load_file(str(one.weights))["visual.proj"])
 
 
 # -- the recipe section, run by the trainer at the end of training -----------------------------------

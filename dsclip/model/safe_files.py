@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 
 from dsclip.errors import CheckpointError, first_line
+from dsclip.fileio import sync_file
 
 TRUST_HINT = "if you trust its origin, pass --trust-checkpoint (recipe: model.trust_checkpoint: true)"
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch's switch: weights_only=True whatever the caller passes
@@ -95,8 +96,7 @@ def seal(paths: list[Path]) -> dict[str, str]:
     """fsync each file (DeepSpeed writes its shards without) and return {name: sha256} for COMPLETE."""
     sealed = {}
     for path in paths:
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+        sync_file(path)
         sealed[path.name] = sha256_of(path)
     return sealed
 

@@ -16,10 +16,11 @@ HF_WEIGHT_FILES = (SAFETENSORS_FILE, WEIGHTS_FILE, "open_clip_pytorch_model.pt")
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
 
 
-def write_open_clip(state: dict[str, torch.Tensor], model: ModelConfig, out: Path, safetensors: bool = False) -> Path:
+def write_open_clip(state: dict[str, torch.Tensor], model: ModelConfig, out: Path, safetensors: bool = True) -> Path:
     """Weights + config that plain open_clip loads. `out` is a folder (open_clip's HF layout,
     loadable as 'local-dir:<out>') or a weights file, with the config beside it as <file>.json.
-    Returns the weights file."""
+    safetensors by default: a file anyone can load without running code; `safetensors=False` writes
+    open_clip's pickled .bin. Returns the weights file."""
     if out.suffix in WEIGHT_SUFFIXES:
         weights, config = out, out.with_suffix(".json")
     else:

@@ -61,6 +61,10 @@ class OptimConfig:
         return {"image": self.image, "text": self.text}.get(name, TowerOptimConfig())
 
 
+# open_clip's layout in safetensors or a pickle; a folder transformers' CLIPModel loads
+EXPORT_FORMATS = ("safetensors", "bin", "transformers")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 1  # passes over the training data (ignored when max_steps > 0)
@@ -73,6 +77,7 @@ class TrainConfig:
     best_metric: Optional[str] = None  # keep the checkpoint with the best value of this eval metric, e.g. eval/synthetic/top1
     best_mode: Literal["max", "min"] = "max"  # whether a larger or smaller best_metric is better
     export: bool = True  # write open_clip-loadable weights to <run>/export at the end
+    export_transformers: bool = False  # also write <run>/export-transformers: a folder transformers' CLIPModel and CLIPProcessor load
     collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S  # a rank that waits this long in a collective (a peer died or hangs) exits non-zero
 
     def validate(self) -> None:

@@ -20,7 +20,7 @@ from dsclip.eval.tasks import EvaluationStopped, run_evals
 from dsclip.training import memory
 from dsclip.training.components import RunParts
 from dsclip.ranks import rank0_decides
-from dsclip.training.export import export_checkpoint
+from dsclip.training.export import TRANSFORMERS, export_checkpoint
 from dsclip.training.grad_cache import TrainableTowers, cached_step
 from dsclip.training.temperature import clamp_logit_scale
 
@@ -222,9 +222,14 @@ class Trainer:
 
     def export(self, tag: str) -> None:
         """Rank 0 writes the export; a failure there is raised on every rank."""
-        weights = rank0_decides(lambda: export_checkpoint(self.parts.checkpoints.root, tag, self.cfg.model,
-                                                          self.cfg.export_dir, adapters=self.cfg.adapters))
-        log.info("exported open_clip weights to %s", weights)
+        outputs = {"safetensors": self.cfg.export_dir}
+        if self.cfg.train.export_transformers:
+            outputs[TRANSFORMERS] = self.cfg.transformers_export_dir
+        written = rank0_decides(lambda: export_checkpoint(self.parts.checkpoints.root, tag, self.cfg.model, outputs,
+                                                          adapters=self.cfg.adapters))
+        log.info("exported open_clip weights to %s", written[0])
+        if len(written) > 1:
+            log.info("exported a transformers CLIPModel folder to %s", written[1])
 
     # -- preemption -------------------------------------------------------------------------
     def stop_agreed(self) -> bool:

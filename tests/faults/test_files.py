@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from dsclip.model.run_folder import consolidated_state_dict, read_pointer
@@ -173,8 +174,8 @@ def test_resuming_an_older_step_sets_the_later_timeline_aside(runs, tmp_path, re
     assert read_pointer(root / "latest") == "step-12"
     assert sorted(p.name for p in root.glob("set-aside-*/*")) == ["step-10", "step-12"]  # 10: an epoch end
     resumed = consolidated_state_dict(root, "step-12")
-    own = torch.load(run / "default" / "export" / "open_clip_pytorch_model.bin")
-    exported = torch.load(out / "default" / "export" / "open_clip_pytorch_model.bin")
+    own = load_file(str(run / "default" / "export" / "open_clip_model.safetensors"))
+    exported = load_file(str(out / "default" / "export" / "open_clip_model.safetensors"))
     diverged = consolidated_state_dict(next(root.glob("set-aside-*")), "step-12")
     for name, weight in exported.items():
         assert torch.allclose(weight.reshape(-1), own[name].reshape(-1), atol=1e-6), name
