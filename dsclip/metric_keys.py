@@ -4,7 +4,7 @@
     data/skipped_samples                                                       unusable samples skipped
     mem/<state>_mb, mem/peak_rss_mb                                            memory of rank 0
     eval/<task>/<metric>                                                       one evaluation task:
-        top1, top5                                                             zero-shot accuracy (%)
+        top1, top5, mean_per_class_recall                                      zero-shot accuracy (%)
         image_to_text_R@k, text_to_image_R@k                                   retrieval recall (%)
         image_to_text_mean_rank, ..._median_rank, loss                         retrieval ranks, val loss
 """
@@ -21,6 +21,7 @@ PLOTTED_TRAIN = (TRAIN_LOSS, TRAIN_LR, TRAIN_LOGIT_SCALE)  # plotted besides eve
 
 EVAL = "eval"
 TOP1, TOP5, LOSS = "top1", "top5", "loss"
+MEAN_PER_CLASS_RECALL = "mean_per_class_recall"  # top-1 recall averaged over classes (balanced accuracy)
 DIRECTIONS = ("image_to_text", "text_to_image")
 RECALL_KS = (1, 5, 10)
 
@@ -65,7 +66,7 @@ def eval_metric(key: str) -> Optional[str]:
 def is_percentage(key: str) -> bool:
     """Accuracy or recall, in percent, higher is better: what a before/after comparison weighs."""
     metric = eval_metric(key)
-    return metric is not None and (metric in (TOP1, TOP5) or "_R@" in metric)
+    return metric is not None and (metric in (TOP1, TOP5, MEAN_PER_CLASS_RECALL) or "_R@" in metric)
 
 
 def headline(metrics: dict[str, float], task: str) -> Optional[float]:

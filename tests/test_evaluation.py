@@ -1,4 +1,5 @@
 """Evaluation: dsclip's zero-shot and 2-rank retrieval numbers equal plain open_clip's; logging sinks and the forgetting table."""
+import io
 import json
 import subprocess
 import sys
@@ -6,6 +7,7 @@ import sys
 import open_clip
 import pytest
 import torch
+from PIL import Image
 
 from dsclip.config import load_config
 from dsclip.data import synthetic
@@ -32,13 +34,16 @@ TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "{}"
 EVAL_SAMPLES = 301  # odd: 2 ranks get 151 and 150 images, so one rank evaluates a padded batch
 
 
+def plain_open_clip(export_dir):
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{export_dir}")
+    return model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{export_dir}")
+
+
 def plain_open_clip_top1(export_dir, num_samples: int) -> float:
     """Top-1 of open_clip's own zero-shot classifier (build_zero_shot_classifier, open_clip's
     tokenizer and eval transform) in one process. From dsclip only the held-out images and their
     labels, as the synthetic data set draws them (64 px, brought to the model's size by open_clip)."""
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{export_dir}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{export_dir}")
-    model.eval()
+    model, preprocess, tokenizer = plain_open_clip(export_dir)
     samples = [synthetic.render_sample(synthetic.EVAL_SEED_OFFSET, i, len(CLASS_NAMES), 64)
                for i in range(num_samples)]
     with torch.no_grad():
@@ -94,34 +99,43 @@ def write_pairs(folder, n: int) -> list[tuple[str, str]]:
 def rank_summary(ranks: torch.Tensor) -> dict[str, float]:
     summary = {f"R@{k}": 100.0 * (ranks <= k).double().mean().item() for k in (1, 5, 10)}
     summary["mean_rank"] = ranks.double().mean().item()
-    summary["median_rank"] = ranks.sort().values[len(ranks) // 2].item()  # odd count: one middle
+    ordered, mid = ranks.double().sort().values, (len(ranks) - 1) // 2
+    summary["median_rank"] = ordered[mid].item() if len(ranks) % 2 else (ordered[mid] + ordered[mid + 1]).item() / 2
     return summary
 
 
-def brute_force_retrieval(export_dir, rows: list[tuple[str, str]], slack: float) -> dict[str, tuple[float, float]]:
+def brute_force_retrieval(export_dir, images: list, captions: list[list[str]],
+                          slack: float) -> dict[str, tuple[float, float]]:
     """Recall@k and mean / median rank both ways from plain open_clip in one process and the full
-    N x N similarity matrix: rank = 1 + the other items scoring at least the pair's own score.
-    Each metric as (lowest, highest) over the ranks obtained with every score moved by up to
-    `slack`: two correct encoders differ in the last bits, and a near tie may go either way."""
-    from PIL import Image
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{export_dir}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{export_dir}")
-    model.eval()
+    images x texts similarity matrix. Image i's captions are captions[i]; image to text ranks an
+    image's best caption (1 + the other images' captions scoring at least it), text to image a
+    text's image (1 + the other images scoring at least it). Each metric as (lowest, highest)
+    over the ranks obtained with every score moved by up to `slack`: two correct encoders differ
+    in the last bits, and a near tie may go either way."""
+    model, preprocess, tokenizer = plain_open_clip(export_dir)
+    owner = torch.tensor([i for i, texts in enumerate(captions) for _ in texts])
     with torch.no_grad():
-        images = model.encode_image(torch.stack([preprocess(Image.open(path).convert("RGB")) for path, _ in rows]),
-                                    normalize=True)
-        texts = model.encode_text(tokenizer([title for _, title in rows]), normalize=True)
-    scores = images.double() @ texts.double().T  # scores[i, j]: image i with text j
-    others = ~torch.eye(len(rows), dtype=torch.bool)
+        image_features = model.encode_image(torch.stack([preprocess(image) for image in images]), normalize=True)
+        text_features = model.encode_text(tokenizer([c for texts in captions for c in texts]), normalize=True)
+    scores = image_features.double() @ text_features.double().T  # scores[i, t]: image i with text t
+    own = owner[None, :] == torch.arange(len(images))[:, None]
+    best_own = scores.masked_fill(~own, float("-inf")).amax(dim=1, keepdim=True)
+    text_own = scores[owner, torch.arange(len(owner))][:, None]
     bounds = {}
-    for direction, table in (("image_to_text", scores), ("text_to_image", scores.T)):
-        own = table.diag()[:, None]
-        best = rank_summary(1 + ((table > own + slack) & others).sum(dim=1))  # near ties won
-        worst = rank_summary(1 + ((table >= own - slack) & others).sum(dim=1))  # near ties lost
+    for direction, table, target, others in (("image_to_text", scores, best_own, ~own),
+                                             ("text_to_image", scores.T, text_own, ~own.T)):
+        best = rank_summary(1 + ((table > target + slack) & others).sum(dim=1))  # near ties won
+        worst = rank_summary(1 + ((table >= target - slack) & others).sum(dim=1))  # near ties lost
         for key in best:
             low, high = sorted((best[key], worst[key]))
             bounds[f"{direction}_{key}"] = (low, high)
     return bounds
+
+
+def assert_within(metrics: dict[str, float], task: str, expected: dict[str, tuple[float, float]]) -> None:
+    for key, (low, high) in expected.items():
+        value = metrics[f"eval/{task}/{key}"]  # dsclip averages in float32: 1e-6 relative
+        assert low * (1 - 1e-6) <= value <= high * (1 + 1e-6), (key, value, low, high)
 
 
 @pytest.mark.multiprocess
@@ -130,13 +144,83 @@ def test_two_rank_retrieval_equals_brute_force_plain_open_clip(trained_weights, 
     metrics = dsclip_eval(tmp_path, 2, "--pretrained", str(trained_weights), "--zeroshot", "synthetic",
                           "--retrieval", f"csv:{tmp_path / 'pairs' / 'pairs.csv'}", "--set", "eval.batch_size=64",
                           "--set", "data.synthetic.eval_samples=8")  # the zero-shot set, kept small here
-    expected = brute_force_retrieval(trained_weights, rows, slack=1e-5)
+    expected = brute_force_retrieval(trained_weights, [Image.open(path).convert("RGB") for path, _ in rows],
+                                     [[title] for _, title in rows], slack=1e-5)
     for direction in ("image_to_text", "text_to_image"):
         low, high = expected[f"{direction}_R@10"]
         assert 5 < low and high < 95, ("mid-range recall makes the comparison meaningful", expected)
-    for key, (low, high) in expected.items():
-        value = metrics[f"eval/pairs/{key}"]  # dsclip averages in float32: 1e-6 relative
-        assert low * (1 - 1e-6) <= value <= high * (1 + 1e-6), (key, value, low, high)
+    assert_within(metrics, "pairs", expected)
+
+
+BENCHMARK_TEMPLATES = ["a drawing of a {c}.", "{c}, seen up close"]  # not dsclip's defaults: the file's must be read
+CAPTION_FORMS = ["{} number {}", "photo {1}: {0}", "{0}, item {1}", "picture {1} shows {0}", "{0} ({1})"]
+
+
+def write_benchmark_shards(folder, samples: list[dict]) -> None:
+    """Shards the way CLIP_benchmark's own converter writes them (key s + 7 digits, lossless webp),
+    two of them, and nshards.txt: written here, not by make-shards, so that dsclip's reader is
+    checked against the format and not against its own writer."""
+    import webdataset as wds
+    folder.mkdir(parents=True)
+    half = len(samples) // 2
+    for shard, part in enumerate((samples[:half], samples[half:])):
+        with wds.TarWriter(str(folder / f"{shard}.tar")) as sink:
+            for sample in part:
+                sink.write(sample)
+    (folder / "nshards.txt").write_text("2\n")
+
+
+def webp(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="webp", lossless=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.multiprocess
+def test_two_rank_clip_benchmark_sets_equal_brute_force_plain_open_clip(trained_weights, tmp_path):
+    """A classification set (unbalanced classes, the set's own templates) and a retrieval set with
+    five captions per image, in CLIP_benchmark's layout; dsclip eval on 2 ranks against plain
+    open_clip and brute force in this process."""
+    drawn = [synthetic.render_sample(synthetic.EVAL_SEED_OFFSET + 11, i, 12, 64) for i in range(400)]
+    kept = [(image, label) for i, (image, _, label) in enumerate(drawn) if label < 4 or i % 4 == 0][:201]
+    shapes = tmp_path / "wds_shapes"
+    write_benchmark_shards(shapes / "test", [{"__key__": f"s{i:07d}", "webp": webp(image), "cls": label}
+                                             for i, (image, label) in enumerate(kept)])
+    (shapes / "classnames.txt").write_text("".join(f"{name}\n" for name in CLASS_NAMES))
+    (shapes / "zeroshot_classification_templates.txt").write_text("".join(f"{t}\n" for t in BENCHMARK_TEMPLATES))
+
+    pictures = [synthetic.render_sample(synthetic.EVAL_SEED_OFFSET + 12, i, 12, 64) for i in range(101)]
+    captions = [[form.format(caption, i) for form in CAPTION_FORMS] for i, (_, caption, _) in enumerate(pictures)]
+    captions[3] = captions[3][:2]  # the count may differ between images
+    coco = tmp_path / "wds_coco"
+    write_benchmark_shards(coco / "test", [{"__key__": f"s{i:07d}", "webp": webp(image), "txt": "\n".join(texts)}
+                                           for i, ((image, _, _), texts) in enumerate(zip(pictures, captions))])
+    (coco / "dataset_type.txt").write_text("retrieval\n")
+
+    metrics = dsclip_eval(tmp_path, 2, "--pretrained", str(trained_weights), "--zeroshot", f"clip_benchmark:{shapes}",
+                          "--retrieval", f"clip_benchmark:{coco}", "--set", "eval.batch_size=32")
+
+    model, preprocess, tokenizer = plain_open_clip(trained_weights)
+    with torch.no_grad():
+        classifier = open_clip.build_zero_shot_classifier(
+            model, tokenizer, CLASS_NAMES, [t.replace("{c}", "{}") for t in BENCHMARK_TEMPLATES],
+            num_classes_per_batch=None)
+        logits = model.encode_image(torch.stack([preprocess(image) for image, _ in kept]), normalize=True) @ classifier
+    labels = torch.tensor([label for _, label in kept])
+    correct = logits.argmax(dim=1) == labels
+    top5 = (logits.topk(5, dim=1).indices == labels[:, None]).any(dim=1)
+    per_class = [correct[labels == c].double().mean().item() for c in range(12) if (labels == c).any()]
+    top1, balanced = 100 * correct.double().mean().item(), 100 * sum(per_class) / len(per_class)
+    assert 15 < top1 < 95 and abs(top1 - balanced) > 0.5, "mid-range, and unbalanced enough to tell the two apart"
+    assert metrics["eval/wds_shapes/top1"] == pytest.approx(top1, abs=1e-9)
+    assert metrics["eval/wds_shapes/top5"] == pytest.approx(100 * top5.double().mean().item(), abs=1e-9)
+    assert metrics["eval/wds_shapes/mean_per_class_recall"] == pytest.approx(balanced, abs=1e-9)
+
+    expected = brute_force_retrieval(trained_weights, [image for image, _, _ in pictures], captions, slack=1e-5)
+    for direction in ("image_to_text", "text_to_image"):
+        low, high = expected[f"{direction}_R@5"]
+        assert 5 < low and high < 95, ("mid-range recall makes the comparison meaningful", expected)
+    assert_within(metrics, "wds_coco", expected)
 
 
 def test_run_with_periodic_eval_writes_every_sink_and_the_forgetting_table(tmp_path, monkeypatch):

@@ -70,7 +70,7 @@ def test_bf16_features_are_accepted():
 
 @pytest.mark.parametrize("images,texts,message", [
     (torch.randn(4, 8), torch.randn(4, 8), "L2-normalised"),
-    (F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1), "same shape"),
+    (F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1), "one text per image"),
     (torch.zeros(0, 8), torch.zeros(0, 8), "at least one pair"),
 ])
 def test_retrieval_metrics_rejects_bad_input(images, texts, message):

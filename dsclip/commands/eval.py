@@ -19,9 +19,11 @@ def parser() -> argparse.ArgumentParser:
     add_weight_flags(p, "weights: tag, file, HF-style folder, hf-hub:org/name or dsclip run folder")
     p.add_argument("--recipe", help="take model and eval sections from this recipe")
     p.add_argument("--zeroshot", action="append", default=[], metavar="SOURCE[:PATH]",
-                   help="zero-shot set: synthetic, fashion-mnist, folder:DIR or webdataset:PATTERN (repeatable)")
+                   help="zero-shot set: synthetic, fashion-mnist, folder:DIR, webdataset:PATTERN or clip_benchmark:DIR "
+                        "(a CLIP_benchmark classification set; repeatable)")
     p.add_argument("--retrieval", action="append", default=[], metavar="SOURCE:PATH",
-                   help="retrieval set: csv:FILE or webdataset:PATTERN (repeatable)")
+                   help="retrieval set: csv:FILE, webdataset:PATTERN or clip_benchmark:DIR (a CLIP_benchmark "
+                        "retrieval set; repeatable)")
     add_overrides(p)
     add_ds_config(p, "DeepSpeed config; ZeRO-3 shards the weights over the ranks")
     p.add_argument("--out", type=Path, help="write the metrics as JSON here")

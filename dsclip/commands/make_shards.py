@@ -9,13 +9,19 @@ log = logging.getLogger(__name__)
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsclip make-shards",
-                                description="Write WebDataset shards + manifest.json from a local source.")
+                                description="Write WebDataset shards + manifest.json from a local source, for "
+                                            "training or as a CLIP_benchmark data set.")
     p.add_argument("src", help="a .csv/.tsv file, an image folder (one subfolder per class), "
                    "'fashion-mnist' or 'openclipart' (Debian packages)")
-    p.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar and manifest.json")
+    p.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar and manifest.json "
+                   "(--layout clip_benchmark: for SPLIT/N.tar and the set's text files)")
+    p.add_argument("--layout", choices=["dsclip", "clip_benchmark"], default="dsclip",
+                   help="dsclip: training shards; clip_benchmark: a benchmark set in CLIP_benchmark's layout, "
+                        "classification for a labelled source, retrieval for a CSV (rows of one image grouped)")
     p.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--image-size", type=int, default=0, help="resize the shorter side to this; 0 keeps it")
-    p.add_argument("--split", choices=["train", "test"], default="train", help="split of fashion-mnist")
+    p.add_argument("--split", choices=["train", "test"], default="train",
+                   help="split of fashion-mnist; with --layout clip_benchmark also the split folder written")
     p.add_argument("--format", choices=["jpg", "png"], default="jpg", help="image encoding in the shards")
     p.add_argument("--image-column", default="filepath", help="CSV column with image paths")
     p.add_argument("--caption-column", default="title", help="CSV column with captions")
@@ -31,13 +37,15 @@ def main(argv: list[str]) -> int:
 
 def make_shards(args: argparse.Namespace) -> int:
     from dsclip.data.shard_writer import write_shards
-    from dsclip.data.sources import FirstSamples, open_source
+    from dsclip.data.sources import FirstSamples, captions_by_image, open_source
 
     source = open_source(args.src, split=args.split, image_column=args.image_column,
                          caption_column=args.caption_column)
+    if args.layout == "clip_benchmark":
+        source = captions_by_image(source)
     if args.limit:
         source = FirstSamples(source, args.limit)
     manifest = write_shards(source, args.out, per_shard=args.per_shard, image_size=args.image_size,
-                            image_format=args.format)
+                            image_format=args.format, layout=args.layout, split=args.split)
     log.info("wrote %d shards, %d samples, to %s", len(manifest["shards"]), manifest["total"], args.out)
     return 0

@@ -1,5 +1,9 @@
-"""make-shards: write WebDataset shards (jpg/png + txt + json per sample) and a manifest.json from any
-source of dsclip.data.sources.
+"""make-shards: write WebDataset shards and a manifest.json from any source of dsclip.data.sources, in
+one of two layouts:
+
+- dsclip: shard-NNNNNN.tar with jpg/png + txt + json per sample, what training and evaluation read;
+- clip_benchmark: CLIP_benchmark's layout (dsclip.data.clip_benchmark): SPLIT/N.tar with the image
+  and the label (cls) or the captions (txt, one per line), class names, templates, the set's type.
 
 Shard i holds source samples [i * per_shard, (i + 1) * per_shard) minus unusable ones, so a re-run skips every
 shard whose final file exists: each shard is written under a temporary name and renamed once complete, and the
@@ -14,10 +18,14 @@ from typing import Any, Literal
 import webdataset as wds
 from PIL import Image
 
+from dsclip.data import clip_benchmark
 from dsclip.data.shards import MANIFEST
-from dsclip.data.sources import Source
+from dsclip.data.sources import Sample, Source
+from dsclip.data.templates import SIMPLE_TEMPLATES, check_templates
 from dsclip.fileio import atomic_write, atomic_write_text
 from dsclip.logs import progress
+
+Layout = Literal["dsclip", "clip_benchmark"]
 
 
 def _encode(image: Image.Image, image_size: int, image_format: str) -> bytes:
@@ -40,6 +48,7 @@ def _load_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     if not path.exists():
         return {**settings, "shards": [], "total": 0, "skipped": 0, "complete": False}
     manifest = json.loads(path.read_text())
+    manifest.setdefault("layout", "dsclip")  # written before there were two layouts
     differ = {k: (manifest.get(k), v) for k, v in settings.items() if manifest.get(k) != v}
     if differ:
         raise ValueError(f"{out} holds shards written with other settings {differ} (existing, requested): "
@@ -48,38 +57,55 @@ def _load_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_shards(source: Source, out_dir: str, *, per_shard: int = 1000, image_size: int = 0,
-                 image_format: Literal["jpg", "png"] = "jpg") -> dict[str, Any]:
-    """Write shard-000000.tar ... and manifest.json into out_dir; returns the manifest.
+                 image_format: Literal["jpg", "png"] = "jpg", layout: Layout = "dsclip", split: str = "test",
+                 templates: list[str] = SIMPLE_TEMPLATES) -> dict[str, Any]:
+    """Write the shards and manifest.json into out_dir (clip_benchmark: out_dir/split, then the set's
+    metadata files, `templates` among them); returns the manifest.
 
-    manifest.json: {"source", "per_shard", "image_size", "image_format", "class_names", "shards": [{"name",
-    "samples"}], "total", "skipped", "complete"}. dsclip.data.shards reads per-shard counts from it.
+    manifest.json: {"source", "per_shard", "image_size", "image_format", "layout", "class_names",
+    "shards": [{"name", "samples"}], "total", "skipped", "complete"}. dsclip.data.shards reads
+    per-shard counts from it.
     """
-    if per_shard < 1 or image_size < 0 or image_format not in ("jpg", "png"):
+    if per_shard < 1 or image_size < 0 or image_format not in ("jpg", "png") or layout not in ("dsclip", "clip_benchmark"):
         raise ValueError(f"make-shards: per_shard={per_shard} must be >= 1, image_size={image_size} >= 0, "
-                         f"image_format={image_format!r} one of jpg/png")
-    out = Path(out_dir)
+                         f"image_format={image_format!r} one of jpg/png, layout={layout!r} dsclip or clip_benchmark")
+    check_templates(templates, "make-shards templates")
+    out = Path(out_dir) / split if layout == "clip_benchmark" else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"source": source.name, "samples_in_source": len(source), "per_shard": per_shard,
-                "image_size": image_size, "image_format": image_format, "class_names": source.class_names}
+                "image_size": image_size, "image_format": image_format, "layout": layout,
+                "class_names": source.class_names}
     manifest = _load_manifest(out, settings)
-    for stale in out.glob(".shard-*.tar.tmp-*"):  # a killed run's half-written shard
+    for stale in out.glob(".*.tar.tmp-*"):  # a killed run's half-written shard
         stale.unlink()
     done = {s["name"]: s for s in manifest["shards"]}
     n_shards = (len(source) + per_shard - 1) // per_shard
     for shard in progress(range(n_shards), total=n_shards, desc="make-shards"):
-        name = f"shard-{shard:06d}.tar"
+        name = f"{shard}.tar" if layout == "clip_benchmark" else f"shard-{shard:06d}.tar"
         if (out / name).exists():
             done.setdefault(name, {"name": name, "samples": _count_keys(out / name), "skipped": 0})
             continue
         indices = range(shard * per_shard, min(len(source), (shard + 1) * per_shard))
         counts = {}
-        atomic_write(out / name, lambda path: counts.update(_write_tar(path, source, indices, image_size, image_format)))
+        atomic_write(out / name, lambda path: counts.update(
+            _write_tar(path, source, indices, image_size, image_format, layout)))
         done[name] = {"name": name, **counts}
         _save_manifest(out, manifest, done, complete=False)
+    if layout == "clip_benchmark":
+        _write_benchmark_metadata(Path(out_dir), out, n_shards, source.class_names, templates)
     return _save_manifest(out, manifest, done, complete=True)
 
 
-def _write_tar(path: str, source: Source, indices: range, image_size: int, image_format: str) -> dict[str, int]:
+def _sample_fields(index: int, sample: Sample, image: bytes, image_format: str, layout: Layout) -> dict[str, Any]:
+    if layout == "dsclip":
+        return {"__key__": f"{index:09d}", image_format: image, "txt": sample.caption, "json": sample.meta}
+    label = sample.meta.get("label")  # CLIP_benchmark's writer: key s + index, the label as text
+    return {"__key__": f"s{index:07d}", image_format: image,
+            **({"cls": str(label)} if label is not None else {"txt": sample.caption})}
+
+
+def _write_tar(path: str, source: Source, indices: range, image_size: int, image_format: str,
+               layout: Layout) -> dict[str, int]:
     """One shard of `indices` at `path`; returns its sample and skip counts."""
     samples = skipped = 0
     with wds.TarWriter(path) as writer:
@@ -88,10 +114,22 @@ def _write_tar(path: str, source: Source, indices: range, image_size: int, image
             if sample is None:
                 skipped += 1
                 continue
-            writer.write({"__key__": f"{index:09d}", image_format: _encode(sample.image, image_size, image_format),
-                          "txt": sample.caption, "json": sample.meta})
+            image = _encode(sample.image, image_size, image_format)
+            writer.write(_sample_fields(index, sample, image, image_format, layout))
             samples += 1
     return {"samples": samples, "skipped": skipped}
+
+
+def _write_benchmark_metadata(root: Path, split_folder: Path, n_shards: int, class_names: list[str] | None,
+                              templates: list[str]) -> None:
+    """The text files CLIP_benchmark reads beside the shards (written last: a set is complete once
+    nshards.txt is there)."""
+    if class_names:
+        atomic_write_text(root / clip_benchmark.CLASSNAMES, "".join(f"{name}\n" for name in class_names))
+        atomic_write_text(root / clip_benchmark.TEMPLATES,
+                          "".join(f"{clip_benchmark.to_benchmark_template(t)}\n" for t in templates))
+    atomic_write_text(root / clip_benchmark.DATASET_TYPE, "classification\n" if class_names else "retrieval\n")
+    atomic_write_text(split_folder / clip_benchmark.NSHARDS, f"{n_shards}\n")
 
 
 def _save_manifest(out: Path, manifest: dict[str, Any], done: dict[str, dict], complete: bool) -> dict[str, Any]:

@@ -68,6 +68,33 @@ class CsvSource:
         return Sample(image, caption, {"caption": caption, "path": path}) if image is not None else None
 
 
+class CaptionsByImage:
+    """A CSV's rows grouped by image, in order of first appearance: one sample per image whose
+    caption holds all of its captions, one per line (a retrieval set with several captions per
+    image, as COCO and Flickr30k have)."""
+
+    def __init__(self, source: CsvSource):
+        self.name, self.class_names = f"{source.name}:by-image", None
+        grouped: dict[str, list[str]] = {}
+        for path, caption in source.rows:
+            if caption:
+                grouped.setdefault(path, []).append(" ".join(caption.split()))  # a line break would split it
+        self.items = list(grouped.items())
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: int) -> Optional[Sample]:
+        path, captions = self.items[index]
+        image = _open_rgb(path)
+        return Sample(image, "\n".join(captions), {"captions": captions, "path": path}) if image is not None else None
+
+
+def captions_by_image(source: Source) -> Source:
+    """`source` with a CSV's rows grouped by image (CaptionsByImage); other sources unchanged."""
+    return CaptionsByImage(source) if isinstance(source, CsvSource) else source
+
+
 class FolderSource:
     """One subfolder per class; caption = templates[index % len(templates)] with the class name."""
 

@@ -8,16 +8,18 @@ from dsclip.data.templates import SIMPLE_TEMPLATES, TEMPLATE_SETS, check_templat
 @dataclass
 class ZeroShotTask:
     name: str = "synthetic"  # metrics are eval/<name>/top1 and eval/<name>/top5
-    source: Literal["synthetic", "fashion-mnist", "folder", "webdataset"] = "synthetic"  # labelled images
-    path: str = ""  # folder (one subfolder per class), shard pattern with .json labels, or Fashion-MNIST idx folder
-    split: Literal["train", "test"] = "test"  # fashion-mnist split
+    source: Literal["synthetic", "fashion-mnist", "folder", "webdataset", "clip_benchmark"] = "synthetic"  # labelled images
+    path: str = ""  # folder (one subfolder per class), shard pattern with .json labels, Fashion-MNIST idx folder, or a CLIP_benchmark set's folder
+    split: str = "test"  # fashion-mnist: train or test; clip_benchmark: the split folder
     classes: str = ""  # YAML file with classes (+ templates); default: the source's own class names
-    templates: list[str] = field(default_factory=lambda: list(SIMPLE_TEMPLATES))  # prompts, "{}" = class name; or ["imagenet"]
+    templates: list[str] = field(default_factory=lambda: list(SIMPLE_TEMPLATES))  # prompts, "{}" = class name; or ["imagenet"]; default with clip_benchmark: the set's own
     max_samples: int = 0  # evaluate at most this many images (0 = all)
 
     def validate(self) -> None:
-        if self.source in ("folder", "webdataset") and not self.path:
+        if self.source in ("folder", "webdataset", "clip_benchmark") and not self.path:
             raise ValueError(f"eval.zeroshot '{self.name}': source {self.source} needs a path")
+        if self.source == "fashion-mnist" and self.split not in ("train", "test"):
+            raise ValueError(f"eval.zeroshot '{self.name}': fashion-mnist splits are train and test, got {self.split!r}")
         if self.template_set() is None:
             check_templates(self.templates, f"eval.zeroshot '{self.name}'")
 
@@ -30,9 +32,10 @@ class ZeroShotTask:
 @dataclass
 class RetrievalTask:
     name: str = "val"  # metrics are eval/<name>/image_to_text_R@1, ..., eval/<name>/loss
-    source: Literal["csv", "webdataset", "synthetic"] = "csv"  # image-caption pairs
-    path: str = ""  # CSV/TSV file (columns as data.csv) or shard pattern
-    max_samples: int = 0  # evaluate at most this many pairs (0 = all)
+    source: Literal["csv", "webdataset", "synthetic", "clip_benchmark"] = "csv"  # captioned images
+    path: str = ""  # CSV/TSV file (columns as data.csv), shard pattern, or a CLIP_benchmark set's folder (any number of captions per image)
+    split: str = "test"  # clip_benchmark: the split folder
+    max_samples: int = 0  # evaluate at most this many images (0 = all)
 
     def validate(self) -> None:
         if self.source != "synthetic" and not self.path:

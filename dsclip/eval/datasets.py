@@ -10,7 +10,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dsclip.data import synthetic
+from dsclip.data.clip_benchmark import image_member, index_samples, read_benchmark
 from dsclip.data.config import CsvConfig, SyntheticConfig
+from dsclip.data.images import open_image
 from dsclip.data.loader import ModelInputs
 from dsclip.data.shards import expand_urls, read_manifest
 from dsclip.data.sources import FASHION_MNIST_DIR, CsvSource, FashionMnistSource, FolderSource, Source
@@ -80,6 +82,37 @@ class ShardPairs(Dataset):
             return self.transform(img.convert("RGB")), label, caption
 
 
+class BenchmarkImages(Dataset):
+    """A CLIP_benchmark set (dsclip.data.clip_benchmark): (image, label, "") for classification,
+    (image, -1, [captions]) for retrieval. Samples are read by offset, one at a time."""
+
+    def __init__(self, task: ZeroShotTask | RetrievalTask, transform: Callable):
+        wanted = "classification" if isinstance(task, ZeroShotTask) else "retrieval"
+        self.set, self.transform = read_benchmark(task.path, task.split), transform
+        if self.set.kind != wanted:
+            section = "eval.retrieval" if wanted == "retrieval" else "eval.zeroshot"
+            raise ValueError(f"{section} '{task.name}': {task.path} is a {self.set.kind} set; "
+                             f"list it under eval.{'zeroshot' if self.set.kind == 'classification' else 'retrieval'}")
+        self.class_names, self.templates = self.set.class_names, self.set.templates
+        self.samples = index_samples(self.set.shards)
+        field_name = "cls" if wanted == "classification" else "txt"
+        for index, sample in enumerate(self.samples):
+            if image_member(sample) is None or field_name not in sample:
+                raise ValueError(f"{task.path}: sample {index} ({sorted(sample)}) lacks an image or its {field_name}: "
+                                 f"is this a CLIP_benchmark {self.set.kind} set?")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any, Any]:
+        sample = self.samples[index]
+        with open_image(io.BytesIO(image_member(sample).read())) as img:
+            image = self.transform(img.convert("RGB"))
+        if self.set.kind == "classification":
+            return image, int(sample["cls"].read()), ""
+        return image, -1, [c.strip() for c in sample["txt"].read().decode("utf-8").splitlines() if c.strip()]
+
+
 def eval_dataset(task: ZeroShotTask | RetrievalTask, model: ModelInputs, synthetic_cfg: SyntheticConfig,
                  seed: int) -> Dataset:
     """The image set of a zero-shot or retrieval task."""
@@ -87,6 +120,8 @@ def eval_dataset(task: ZeroShotTask | RetrievalTask, model: ModelInputs, synthet
         return SyntheticLabelled(synthetic_cfg, seed, model)
     if task.source == "webdataset":
         return ShardPairs(task.path, model.eval_transform, task.max_samples)
+    if task.source == "clip_benchmark":
+        return BenchmarkImages(task, model.eval_transform)
     if task.source == "fashion-mnist":
         source = FashionMnistSource(task.path or FASHION_MNIST_DIR, task.split, list(SIMPLE_TEMPLATES))
     elif task.source == "folder":
@@ -97,13 +132,17 @@ def eval_dataset(task: ZeroShotTask | RetrievalTask, model: ModelInputs, synthet
 
 
 def prompts_for(task: ZeroShotTask, dataset: Dataset) -> tuple[list[str], list[str]]:
-    """(class names, templates): from the task's class file, else the data set's own names."""
-    templates = task.template_set() or task.templates
+    """(class names, templates): from the task's class file, else the data set's own names. The
+    templates the task names win; left at the default, those of the class file or of the data set
+    (a CLIP_benchmark set's) are used."""
     if task.classes:
         prompts = load_class_prompts(task.classes)
-        return prompts.classes, prompts.templates if task.templates == list(SIMPLE_TEMPLATES) else templates
-    names = getattr(dataset, "class_names", None)
+        names, own_templates = prompts.classes, prompts.templates
+    else:
+        names, own_templates = getattr(dataset, "class_names", None), getattr(dataset, "templates", None)
     if not names:
         raise ValueError(f"eval.zeroshot '{task.name}': {task.source} at {task.path!r} names no classes; "
                          "give a class file in eval.zeroshot[].classes")
-    return names, templates
+    if own_templates and task.templates == list(SIMPLE_TEMPLATES):
+        return names, own_templates
+    return names, task.template_set() or task.templates

@@ -27,49 +27,79 @@ def _rank_summary(direction: str, ranks: torch.Tensor) -> dict[str, float]:
     return metrics
 
 
-def _count_beaten(image_rows: torch.Tensor, texts: torch.Tensor, positive: torch.Tensor, start: int,
+def _count_beaten(image_rows: torch.Tensor, texts: torch.Tensor, start: int, own_texts: torch.Tensor,
+                  own_images: torch.Tensor, positive: torch.Tensor, best_positive: torch.Tensor,
                   beaten_text: torch.Tensor) -> torch.Tensor:
-    """Per image row, texts scoring >= its pair; adds the rows' votes against each text to beaten_text.
+    """Per image row, the other images' texts scoring >= its best caption; adds the rows' votes
+    against each text (scoring >= the text's own image) to beaten_text.
 
-    A function of its own so the (c, N) block and its masks are freed before the next block.
+    own_texts / own_images: the (text, block row) coordinates of the block's own captions. A
+    function of its own so the (c, T) block and its masks are freed before the next block.
     """
-    rows = torch.arange(len(image_rows), device=image_rows.device)
-    scores = image_rows @ texts.T  # (c, N) block of image x text similarities
-    scores[rows, rows + start] = float("-inf")  # the correct pair never beats itself
+    scores = image_rows @ texts.T  # (c, T) block of image x text similarities
+    scores[own_images, own_texts] = float("-inf")  # an image's own captions never beat it, nor it them
     # int32 sums: summing a bool block into int64 would copy it at 8 bytes per element.
     beaten_text += (scores >= positive[None, :]).sum(dim=0, dtype=torch.int32)
-    return (scores >= positive[start:start + len(image_rows), None]).sum(dim=1, dtype=torch.int32)
+    return (scores >= best_positive[start:start + len(image_rows), None]).sum(dim=1, dtype=torch.int32)
+
+
+def _text_owners(text_image: torch.Tensor | None, n_images: int, n_texts: int) -> torch.Tensor:
+    if text_image is None:
+        if n_texts != n_images:
+            raise ValueError(f"{n_images} images and {n_texts} texts: paired retrieval needs one text per image, "
+                             "or pass text_image (the image index of each text)")
+        return torch.arange(n_images)
+    if text_image.shape != (n_texts,):
+        raise ValueError(f"text_image must hold one image index per text ({n_texts}), got {tuple(text_image.shape)}")
+    if n_texts and (text_image.min() < 0 or text_image.max() >= n_images):
+        raise ValueError(f"text_image has an index outside [0, {n_images})")
+    counts = torch.bincount(text_image.cpu(), minlength=n_images)
+    if (counts == 0).any():
+        raise ValueError(f"image {int((counts == 0).nonzero()[0])} has no caption: every image needs at least one")
+    return text_image.long()
 
 
 @torch.no_grad()
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
-                      chunk_size: int = 256) -> dict[str, float]:
+                      text_image: torch.Tensor | None = None, chunk_size: int = 256) -> dict[str, float]:
     """Recall@{1,5,10} (percent) and mean/median rank, image->text and text->image.
 
-    Pair i is image i with text i; rows must be L2-normalised; any device works (CPU or GPU). Ranks are 1-based and ties
-    count against the correct item (a collapsed model with identical features gets rank N,
-    not 1). Similarities are computed in (chunk_size x N) blocks and both directions are
-    counted from the same block, so extra memory is O(chunk_size * N), never N x N.
+    Text t is a caption of image text_image[t] (default: pair i is image i with text i); an image
+    may have any number of captions, as in COCO and Flickr30k. As CLIP_benchmark defines them,
+    image->text counts a hit when any of the image's captions is among the top k (averaged over
+    images), text->image when the text's image is (averaged over texts). Rows must be
+    L2-normalised; any device works. Ranks are 1-based and ties count against the correct item
+    (a collapsed model with identical features gets the worst rank, not 1). Similarities are
+    computed in (chunk_size x T) blocks and both directions are counted from the same block, so
+    extra memory is O(chunk_size * T), never N x T.
     """
-    if image_features.ndim != 2 or image_features.shape != text_features.shape:
+    if image_features.ndim != 2 or text_features.ndim != 2 or image_features.shape[1] != text_features.shape[1]:
         raise ValueError(f"image_features {tuple(image_features.shape)} and text_features "
-                         f"{tuple(text_features.shape)} must both be (N, d) with the same shape")
+                         f"{tuple(text_features.shape)} must both be (N, d) with the same shape d")
     if image_features.shape[0] == 0:
         raise ValueError("retrieval_metrics needs at least one pair, got N=0")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    owner = _text_owners(text_image, len(image_features), len(text_features)).to(image_features.device)
     _check_normalised("image_features", image_features)
     _check_normalised("text_features", text_features)
 
-    images = image_features.float()
-    texts = text_features.float()
-    n = images.shape[0]
-    positive = (images * texts).sum(dim=1)  # (N,) score of each correct pair
-    beaten_image = torch.empty(n, dtype=torch.int32, device=images.device)  # texts scoring >= the correct one, per image
-    beaten_text = torch.zeros(n, dtype=torch.int32, device=images.device)  # images scoring >= the correct one, per text
+    images, texts = image_features.float(), text_features.float()
+    n, device = images.shape[0], images.device
+    positive = torch.empty(len(texts), device=device)  # (T,) score of each text with its own image
+    for start in range(0, len(texts), chunk_size):
+        rows = slice(start, start + chunk_size)
+        positive[rows] = (texts[rows] * images[owner[rows]]).sum(dim=1)
+    best_positive = torch.full((n,), float("-inf"), device=device).scatter_reduce(0, owner, positive, "amax")
+    order = owner.argsort(stable=True)  # texts by image: a block's own captions are one slice of it
+    first = torch.searchsorted(owner[order], torch.arange(n + 1, device=device))
+    beaten_image = torch.empty(n, dtype=torch.int32, device=device)  # other captions scoring >= the best own one
+    beaten_text = torch.zeros(len(texts), dtype=torch.int32, device=device)  # other images scoring >= the own one
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        beaten_image[start:stop] = _count_beaten(images[start:stop], texts, positive, start, beaten_text)
+        own_texts = order[first[start]:first[stop]]
+        beaten_image[start:stop] = _count_beaten(images[start:stop], texts, start, own_texts, owner[own_texts] - start,
+                                                 positive, best_positive, beaten_text)
     image_to_text, text_to_image = DIRECTIONS
     return {**_rank_summary(image_to_text, beaten_image + 1), **_rank_summary(text_to_image, beaten_text + 1)}
 
@@ -102,3 +132,18 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor,
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (N, kmax)
     hits = top == labels[:, None]
     return {k: int(hits[:, :k].any(dim=1).sum().item()) for k in ks}
+
+
+def class_recall_counts(logits: torch.Tensor, labels: torch.Tensor,
+                        num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-1 hits per class, images per class), float64 counts to be summed over ranks."""
+    top1 = logits.topk(1, dim=1).indices[:, 0]  # the prediction topk_correct counts
+    hits = torch.bincount(labels[top1 == labels], minlength=num_classes)
+    return hits.double(), torch.bincount(labels, minlength=num_classes).double()
+
+
+def mean_per_class_recall(hits: torch.Tensor, counts: torch.Tensor) -> float:
+    """Top-1 recall averaged over the classes that have images (balanced accuracy), in percent:
+    what CLIP_benchmark reports beside top-1 for unbalanced sets."""
+    present = counts > 0
+    return 100.0 * (hits[present] / counts[present]).mean().item()

@@ -6,6 +6,7 @@ ZeRO-3 gathers parameters collectively inside every forward, so every rank makes
 number of forwards: shards are padded to equal length and the padding is masked out.
 """
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
 import torch
@@ -16,9 +17,10 @@ from dsclip.data.config import SyntheticConfig
 from dsclip.data.loader import ModelInputs
 from dsclip.eval.config import EvalConfig
 from dsclip.eval.datasets import eval_dataset, prompts_for
-from dsclip.eval.metrics import retrieval_metrics, topk_correct, zeroshot_classifier_weights
+from dsclip.eval.metrics import (class_recall_counts, mean_per_class_recall, retrieval_metrics, topk_correct,
+                                 zeroshot_classifier_weights)
 from dsclip.logs import progress
-from dsclip.metric_keys import LOSS, TOP1, TOP5, eval_key
+from dsclip.metric_keys import LOSS, MEAN_PER_CLASS_RECALL, TOP1, TOP5, eval_key
 
 
 Stop = Optional[Callable[[], bool]]  # asked before each batch on every rank (collective); True ends the evaluation
@@ -32,12 +34,35 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+@dataclass
+class EncodedBatch:
+    """One batch of a rank's share, encoded. Texts are the batch's captions in order, several per
+    image where a sample has several; text_image[t] is the batch position of text t's image."""
+    image_features: torch.Tensor
+    text_features: Optional[torch.Tensor]  # None when no tokenizer was given
+    text_image: torch.Tensor
+    logit_scale: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor  # each image's index in the data set
+    valid: torch.Tensor  # False for the padding rows
+    unpadded: bool  # no rank's batch holds padding
+
+    def first_captions(self) -> torch.Tensor:
+        """Text features of each image's first caption: the pairs the validation loss is taken on."""
+        starts = torch.ones_like(self.text_image, dtype=torch.bool)
+        starts[1:] = self.text_image[1:] != self.text_image[:-1]
+        return self.text_features[starts.nonzero()[:, 0].to(self.text_features.device)]
+
+
+def _captions(caption: Union[str, list[str]]) -> list[str]:
+    return [caption] if isinstance(caption, str) else list(caption)
+
+
 def encode_shard(model, dataset: Dataset, limit: int, batch_size: int, device: torch.device, dtype: torch.dtype,
-                 tokenizer: Optional[Callable] = None, desc: str = "", stop: Stop = None) -> Iterator[tuple]:
-    """This rank's share of `dataset` (index rank::world), padded so every rank makes the same
-    forwards. Yields (image features, text features or None, logit scale, labels, valid mask,
-    whether the batch holds no padding on any rank) per batch; raises EvaluationStopped when
-    `stop()` says so before a batch."""
+                 tokenizer: Optional[Callable] = None, desc: str = "", stop: Stop = None) -> Iterator[EncodedBatch]:
+    """This rank's share of `dataset` (index rank::world; items (image, label, caption or list of
+    captions)), padded so every rank makes the same forwards; raises EvaluationStopped when `stop()`
+    says so before a batch."""
     rank, world = rank_and_world()
     size = min(len(dataset), limit) if limit else len(dataset)
     per_rank = math.ceil(size / world)
@@ -49,16 +74,21 @@ def encode_shard(model, dataset: Dataset, limit: int, batch_size: int, device: t
         chunk = indices[start:start + batch_size]
         items = [dataset[i if i < size else 0] for i in chunk]  # padding repeats sample 0
         images = torch.stack([item[0] for item in items]).to(device, dtype)
-        texts = tokenizer([item[2] for item in items]).to(device) if tokenizer else None
+        captions = [_captions(item[2]) for item in items]
+        texts = tokenizer([c for cs in captions for c in cs]).to(device) if tokenizer else None
         image_features, text_features, logit_scale, logit_bias = model(images=images, texts=texts)
         last_index_any_rank = chunk[-1] - rank + world - 1  # the same batch position on the last rank
-        yield (image_features.float(), None if text_features is None else text_features.float(),
-               logit_scale.float(), torch.tensor([item[1] for item in items]),
-               torch.tensor([i < size for i in chunk], device=image_features.device), last_index_any_rank < size)
+        on = image_features.device
+        yield EncodedBatch(image_features.float(), None if text_features is None else text_features.float(),
+                           torch.tensor([i for i, cs in enumerate(captions) for _ in cs], device=on),
+                           logit_scale.float(), torch.tensor([item[1] for item in items], device=on),
+                           torch.tensor(chunk, device=on), torch.tensor([i < size for i in chunk], device=on),
+                           last_index_any_rank < size)
 
 
 class ZeroShotEval:
-    """Top-1/top-5 accuracy of prompt-built class embeddings on a labelled image set."""
+    """Top-1/top-5 accuracy and mean per-class recall of prompt-built class embeddings on a
+    labelled image set."""
 
     def __init__(self, name: str, dataset: Dataset, class_names: list[str], templates: list[str],
                  tokenizer: Callable, batch_size: int, max_samples: int = 0):
@@ -70,21 +100,33 @@ class ZeroShotEval:
     def run(self, model, device: torch.device, dtype: torch.dtype, stop: Stop = None) -> dict[str, float]:
         text = model(texts=self.prompt_tokens.to(device))[1].float()
         classifier = zeroshot_classifier_weights(text.view(self.num_classes, self.num_templates, -1))
-        counts = torch.zeros(3, dtype=torch.float64, device=text.device)  # top-1 hits, top-5 hits, images
-        for features, _, _, labels, valid, _ in encode_shard(model, self.dataset, self.max_samples, self.batch_size,
-                                                             device, dtype, desc=f"eval {self.name}", stop=stop):
-            logits, labels = (features @ classifier)[valid], labels.to(valid.device)[valid]
-            hits = topk_correct(logits, labels, ks=(1, 5))
-            counts += torch.tensor([hits[1], hits[5], len(labels)], dtype=torch.float64, device=counts.device)
+        top5 = torch.zeros(1, dtype=torch.float64, device=text.device)
+        class_hits = torch.zeros(self.num_classes, dtype=torch.float64, device=text.device)
+        class_counts = torch.zeros_like(class_hits)
+        for batch in encode_shard(model, self.dataset, self.max_samples, self.batch_size, device, dtype,
+                                  desc=f"eval {self.name}", stop=stop):
+            logits, labels = (batch.image_features @ classifier)[batch.valid], batch.labels[batch.valid]
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(f"eval.zeroshot '{self.name}': an image without a label in 0..{self.num_classes - 1}; "
+                                 "its labels and the class list do not match")
+            top5 += topk_correct(logits, labels, ks=(5,))[5]
+            hits, counts = class_recall_counts(logits, labels, self.num_classes)
+            class_hits += hits
+            class_counts += counts
+        totals = torch.cat([top5, class_hits, class_counts])
         if dist.is_initialized():
-            dist.all_reduce(counts)  # 3 numbers per evaluation
-        top1, top5, total = counts.tolist()
-        return {eval_key(self.name, TOP1): 100 * top1 / total, eval_key(self.name, TOP5): 100 * top5 / total}
+            dist.all_reduce(totals)  # 1 + 2 x classes numbers per evaluation
+        top5, class_hits, class_counts = totals[0], totals[1:1 + self.num_classes], totals[1 + self.num_classes:]
+        total = class_counts.sum().item()
+        return {eval_key(self.name, TOP1): 100 * class_hits.sum().item() / total,
+                eval_key(self.name, TOP5): 100 * top5.item() / total,
+                eval_key(self.name, MEAN_PER_CLASS_RECALL): mean_per_class_recall(class_hits, class_counts)}
 
 
 class RetrievalEval:
-    """Image->text and text->image recall and ranks over paired captions, plus the validation
-    contrastive loss (mean over batches of the loss the trainer optimises)."""
+    """Image->text and text->image recall and ranks over captioned images (any number of captions
+    per image), plus the validation contrastive loss (mean over batches of the loss the trainer
+    optimises, each image paired with its first caption)."""
 
     def __init__(self, name: str, dataset: Dataset, tokenizer: Callable, batch_size: int, max_samples: int,
                  loss_fn: Callable):
@@ -92,16 +134,21 @@ class RetrievalEval:
         self.batch_size, self.max_samples, self.loss_fn = batch_size, max_samples, loss_fn
 
     def run(self, model, device: torch.device, dtype: torch.dtype, stop: Stop = None) -> dict[str, float]:
-        images, texts, losses = [], [], []
-        for image_f, text_f, scale, _, valid, unpadded in encode_shard(
-                model, self.dataset, self.max_samples, self.batch_size, device, dtype, self.tokenizer,
-                desc=f"eval {self.name}", stop=stop):
-            images.append(image_f[valid])
-            texts.append(text_f[valid])
-            if unpadded:  # the loss is collective and padding would add duplicate pairs
-                losses.append(self.loss_fn(image_f, text_f, scale).detach())
-        image_features, text_features = gather_rows(torch.cat(images)), gather_rows(torch.cat(texts))
-        metrics = retrieval_metrics(image_features, text_features)
+        images, image_ids, texts, text_ids, losses = [], [], [], [], []
+        for batch in encode_shard(model, self.dataset, self.max_samples, self.batch_size, device, dtype,
+                                  self.tokenizer, desc=f"eval {self.name}", stop=stop):
+            images.append(batch.image_features[batch.valid])
+            image_ids.append(batch.indices[batch.valid])
+            text_valid = batch.valid[batch.text_image]
+            texts.append(batch.text_features[text_valid])
+            text_ids.append(batch.indices[batch.text_image][text_valid])
+            if batch.unpadded:  # the loss is collective and padding would add duplicate pairs
+                losses.append(self.loss_fn(batch.image_features, batch.first_captions(), batch.logit_scale).detach())
+        # Every image of the set is on exactly one rank: sorted by data set index, row i is image i.
+        image_ids = gather_rows(torch.cat(image_ids)[:, None])[:, 0]
+        order = image_ids.argsort()
+        metrics = retrieval_metrics(gather_rows(torch.cat(images))[order], gather_rows(torch.cat(texts)),
+                                    text_image=gather_rows(torch.cat(text_ids)[:, None])[:, 0])
         if losses:  # each rank's local loss; their mean over ranks is the global validation loss
             loss = torch.stack(losses).mean()
             if dist.is_initialized():
