@@ -484,6 +484,23 @@ def zero_init_summary() -> str:
             f"{big['partitioned_per_rank_bytes'] / 2 ** 30:.2f} GiB per rank.")
 
 
+# -- bench/standard_eval.py: bench/results/standard_eval.json ------------------------------------------
+def standard_eval_table() -> str:
+    d = load("standard_eval.json")
+    rows = [[f"`{r['set']}`", f"`{r['metric']}` / `{r['clip_benchmark_metric']}`", f"{r['dsclip']:.2f}",
+             f"{r['clip_benchmark']:.2f}", f"{r['difference']:.1g}"] for r in d["rows"]]
+    return table(["set", "dsclip / CLIP_benchmark metric", "dsclip (%)", "CLIP_benchmark (x 100)", "difference"],
+                 "llrrr", rows)
+
+
+def standard_eval_summary() -> str:
+    d = load("standard_eval.json")
+    return (f"Measured {d['date']} with `python bench/standard_eval.py` (clip-benchmark {d['clip_benchmark_version']}, "
+            f"model: {d['model']}; {d['images']['fashion']} Fashion-MNIST test images, {d['images']['shapes']} held-out "
+            f"shapes, {d['images']['captioned']} of them with five captions each; `bench/results/standard_eval.json`): "
+            f"the largest difference between the two tools is {d['max_abs_difference']:.1g} points.")
+
+
 # -- bench/strategies.py: bench/results/strategies.json ----------------------------------------------
 def strategies_table() -> str:
     d = load("strategies.json")
@@ -538,7 +555,7 @@ BLOCKS: dict[str, Callable[[], str]] = {f.__name__: f for f in [
     data_table, data_ratio,
     wiseft_table, wiseft_summary, wiseft_stage_times,
     test_tiers, grad_cache_table, grad_cache_summary, faults_table, zero_init_table, zero_init_summary,
-    strategies_table, strategies_summary, patch_dropout_table,
+    strategies_table, strategies_summary, patch_dropout_table, standard_eval_table, standard_eval_summary,
 ]}
 
 

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import deepspeed
 import open_clip
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from dsclip.config import load_config
+from dsclip.data import synthetic
 from dsclip.train import main as train_main
 from dsclip.loss.config import LossConfig
 from dsclip.loss.contrastive import build_loss
@@ -21,12 +23,19 @@ from dsclip.training.loop import Trainer, is_peer_failure, peer_failure
 from dsclip_testutils import REPO, ds_config, init_single_rank, launch, make_trainer, read_metrics, subprocess_env
 
 
-@pytest.mark.multiprocess
-def test_default_run_on_two_ranks_learns_the_synthetic_task(tmp_path):
-    """The README's main job: no recipe, 2 CPU ranks, ZeRO-3; zero-shot top-1 >= 80% after."""
-    result = launch(["--deepspeed_config", "ds_configs/zero3.json", "--output-dir", str(tmp_path)])
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The README's main job: no recipe, 2 CPU ranks, ZeRO-3. Its run folder and its process."""
+    out = tmp_path_factory.mktemp("default-run")
+    result = launch(["--deepspeed_config", "ds_configs/zero3.json", "--output-dir", str(out)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run_dir = tmp_path / "default"
+    return out / "default", result
+
+
+@pytest.mark.multiprocess
+def test_default_run_on_two_ranks_learns_the_synthetic_task(default_run):
+    """Zero-shot top-1 >= 80% after; one logging path."""
+    run_dir, result = default_run
     records = read_metrics(run_dir)
     evals = [r for r in records if "eval/synthetic/top1" in r]
     losses = [r["train/loss"] for r in records if "train/loss" in r]
@@ -42,6 +51,43 @@ def test_default_run_on_two_ranks_learns_the_synthetic_task(tmp_path):
     assert "[dsclip rank 1]" not in result.stdout
     for chatter in ("No pretrained weights loaded", "built successfully", "No CUDA runtime is found"):
         assert chatter not in result.stdout + result.stderr, chatter
+
+
+PIPELINE_TEMPLATE = "a photo of a {}."  # the pipeline takes one prompt template
+
+
+@pytest.mark.multiprocess
+def test_the_default_runs_model_classifies_through_the_transformers_pipeline(default_run, tmp_path):
+    """`dsclip export --format transformers` of the default run, then transformers'
+    zero-shot-image-classification pipeline on the held-out shapes: the accuracy dsclip's own
+    evaluation reports for the same prompt, within 1 point."""
+    from transformers import pipeline
+
+    run_dir, _ = default_run
+    hf_dir = tmp_path / "hf"
+    exported = subprocess.run([sys.executable, "-m", "dsclip.cli", "export", str(run_dir), "--format", "transformers",
+                               "--out", str(hf_dir)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                              timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    metrics_file = tmp_path / "metrics.json"
+    evaluated = subprocess.run([sys.executable, "-m", "dsclip.cli", "eval", "--pretrained", str(run_dir / "export"),
+                                "--set", f"eval.zeroshot=[{{name: shapes, templates: ['{PIPELINE_TEMPLATE}']}}]",
+                                "--out", str(metrics_file)], cwd=REPO, env=subprocess_env(), capture_output=True,
+                               text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    dsclip_top1 = json.loads(metrics_file.read_text())["eval/shapes/top1"]
+
+    cfg = load_config(None, [])
+    size = json.loads((hf_dir / "config.json").read_text())["vision_config"]["image_size"]
+    samples = [synthetic.render_sample(cfg.seed + synthetic.EVAL_SEED_OFFSET, i, cfg.data.synthetic.num_classes, size)
+               for i in range(cfg.data.synthetic.eval_samples)]
+    names = synthetic.class_names(cfg.data.synthetic.num_classes)
+    classify = pipeline("zero-shot-image-classification", model=str(hf_dir), device="cpu")
+    answers = classify([image for image, _, _ in samples], candidate_labels=names,
+                       hypothesis_template=PIPELINE_TEMPLATE, batch_size=64)
+    pipeline_top1 = 100 * sum(a[0]["label"] == names[label] for a, (_, _, label) in zip(answers, samples)) / len(samples)
+    assert dsclip_top1 >= 80, "a trained model: the comparison means something"
+    assert pipeline_top1 == pytest.approx(dsclip_top1, abs=1.0), (pipeline_top1, dsclip_top1)
 
 
 @pytest.mark.multiprocess

@@ -140,7 +140,7 @@ def to_transformers(state: dict[str, torch.Tensor], config: dict[str, Any]) -> d
     copy(f"{text}ln_final", "text_model.final_layer_norm")
     out["text_projection.weight"] = state[f"{text}text_projection"].T
     out["logit_scale"] = state["logit_scale"].reshape(())
-    return {k: v.contiguous() for k, v in out.items()}
+    return {k: v.detach().contiguous() for k, v in out.items()}
 
 
 def write_tokenizer(folder: Path, context_length: int) -> None:
