@@ -17,9 +17,10 @@ def jpeg(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def write_shards(folder: Path, n_shards: int, per_shard: int, first_id: int = 0, bad: dict | None = None) -> str:
-    """Shards of samples whose caption is 'sample <id>'; bad maps id -> {'jpg': ..., 'txt': ...} overrides.
-    Returns the brace pattern naming them."""
+def write_shards(folder: Path, n_shards: int, per_shard: int, first_id: int = 0, bad: dict | None = None,
+                 captions: int = 1) -> str:
+    """Shards of samples whose caption is 'sample <id>' (with captions > 1: that many lines 'sample <id>
+    caption <j>'); bad maps id -> {'jpg': ..., 'txt': ...} overrides. Returns the brace pattern naming them."""
     folder.mkdir(parents=True, exist_ok=True)
     shards = []
     for s in range(n_shards):
@@ -27,7 +28,8 @@ def write_shards(folder: Path, n_shards: int, per_shard: int, first_id: int = 0,
         with wds.TarWriter(str(folder / name)) as w:
             for i in range(per_shard):
                 sid = first_id + s * per_shard + i
-                sample = {"__key__": f"{sid:08d}", "jpg": jpeg(sid), "txt": f"sample {sid}"}
+                text = f"sample {sid}" if captions == 1 else "\n".join(f"sample {sid} caption {j}" for j in range(captions))
+                sample = {"__key__": f"{sid:08d}", "jpg": jpeg(sid), "txt": text}
                 sample.update((bad or {}).get(sid, {}))
                 w.write(sample)
         shards.append({"name": name, "samples": per_shard})

@@ -4,14 +4,15 @@ import io
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from dsclip.data.clip_benchmark import index_samples, read_benchmark
-from dsclip.data.shard_writer import write_shards
-from dsclip.data.sources import CsvSource, FolderSource, captions_by_image
+from dsclip.data.shard_writer import ImageEncoding, write_shards
+from dsclip.data.sources import CsvSource, FolderSource
 from dsclip.data.config import CsvConfig
 from dsclip.data.templates import SIMPLE_TEMPLATES
 from dsclip.eval.metrics import class_recall_counts, mean_per_class_recall, retrieval_metrics
@@ -113,7 +114,7 @@ def tar_samples(shard: Path) -> dict[str, dict[str, bytes]]:
 def test_make_shards_writes_a_classification_set_clip_benchmark_reads(tmp_path):
     write_class_folder(tmp_path / "src", {"cat": [(200, 0, 0), (0, 200, 0), (0, 0, 200)], "dog": [(9, 9, 9)] * 2})
     write_shards(FolderSource(str(tmp_path / "src"), list(SIMPLE_TEMPLATES)), str(tmp_path / "bench"), per_shard=2,
-                 image_format="png", layout="clip_benchmark", split="test")
+                 encoding=ImageEncoding(image_format="png"), layout="clip_benchmark", split="test")
     root = tmp_path / "bench"
     # The files exactly as CLIP_benchmark's build_wds_dataset reads them.
     assert (root / "classnames.txt").read_text() == "cat\ndog\n"
@@ -145,7 +146,7 @@ def test_make_shards_groups_a_csv_into_a_multi_caption_retrieval_set(tmp_path):
     rows.insert(2, rows.pop())  # image 2's last caption comes third: rows of an image need not be adjacent
     csv = tmp_path / "pairs.csv"
     csv.write_text("filepath,title\n" + "".join(f"{p},{c}\n" for p, c in rows))
-    source = captions_by_image(CsvSource(CsvConfig(path=str(csv))))
+    source = CsvSource(CsvConfig(path=str(csv)))
     write_shards(source, str(tmp_path / "bench"), per_shard=10, layout="clip_benchmark", split="test")
 
     bench = read_benchmark(tmp_path / "bench", "test")
@@ -215,3 +216,48 @@ def test_an_eval_task_of_the_wrong_kind_or_a_sample_without_its_label_is_a_clear
         tar.addfile(info, io.BytesIO(data))
     with pytest.raises(ValueError, match=r"sample 0 \(\['png'\]\) lacks an image or its cls"):
         BenchmarkImages(task, lambda image: image)
+
+
+class PixelModel(torch.nn.Module):
+    """A stand-in CLIP for RetrievalEval: an image's features are a fixed projection of its pixels;
+    caption j of sample i encodes sample i's pixels plus noise j, so captions match their image."""
+
+    def __init__(self, pixels_of: dict[int, torch.Tensor]):
+        super().__init__()
+        self.projection = torch.randn(192, 16, generator=torch.Generator().manual_seed(0))
+        self.pixels_of = pixels_of
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(images.flatten(1) @ self.projection, dim=-1)
+
+    def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        noise = torch.Generator()
+        return F.normalize(torch.stack([
+            self.pixels_of[i] @ self.projection + 8.0 * torch.randn(16, generator=noise.manual_seed(i * 10 + j))
+            for i, j in tokens.tolist()]), dim=-1)
+
+    def forward(self, images=None, texts=None):
+        return (None if images is None else self.encode_images(images),
+                None if texts is None else self.encode_texts(texts), torch.tensor(1.0), None)
+
+
+def test_retrieval_on_shards_with_five_captions_per_image_matches_brute_force(tmp_path):
+    from dsclip.eval.datasets import ShardPairs
+    from dsclip.eval.tasks import RetrievalEval
+    from generated_data import jpeg, write_shards as write_generated_shards
+
+    urls = write_generated_shards(tmp_path / "d", n_shards=3, per_shard=13, captions=5)
+    to_tensor = lambda image: torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255  # noqa: E731
+    dataset = ShardPairs(urls, to_tensor, max_samples=0)
+    assert all(len(captions) == 5 for _, _, captions in dataset.samples)
+    pixels = {i: to_tensor(Image.open(io.BytesIO(jpeg(i))).convert("RGB")).flatten() for i in range(39)}
+    model = PixelModel(pixels)
+    tokenizer = lambda captions: torch.tensor([[int(c.split()[1]), int(c.split()[3])] for c in captions])  # noqa: E731
+    metrics = RetrievalEval("five", dataset, tokenizer, batch_size=8, max_samples=0,
+                            loss_fn=lambda images, texts, scale: (images * texts).sum()).run(model, "cpu", torch.float32)
+    images = model.encode_images(torch.stack([dataset[i][0] for i in range(39)]))
+    texts = model.encode_texts(torch.tensor([[i, j] for i in range(39) for j in range(5)]))
+    expected = brute_force_multi_caption(images, texts, torch.arange(39).repeat_interleave(5))
+    for key, value in expected.items():
+        assert metrics[f"eval/five/{key}"] == pytest.approx(value), key
+    assert 10 < expected["image_to_text_R@1"] < 90 and 10 < expected["text_to_image_R@1"] < 90

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dsclip.data.shard_writer import write_shards
+from dsclip.data.shard_writer import ImageEncoding, write_shards
 from dsclip.data.sources import FASHION_MNIST_DIR, OPENCLIPART_DIR, Sample, open_source
 from dsclip.data.config import WebDataConfig
 from dsclip.data.shards import build_webdataset_loader
@@ -53,7 +53,7 @@ def test_labelled_shards_evaluate_with_the_class_names_of_their_manifest(tmp_pat
     from dsclip.eval.datasets import ShardPairs
     make_folder(tmp_path / "src")
     write_shards(open_source(str(tmp_path / "src"), templates=["a photo of a {}."]), str(tmp_path / "out"),
-                 per_shard=4, image_size=20)
+                 per_shard=4, encoding=ImageEncoding(image_size=20))
     shards = ShardPairs(str(tmp_path / "out" / "shard-{000000..000002}.tar"), lambda image: image, max_samples=0)
     assert shards.class_names == ["ankle boot", "sandal"] and len(shards) == 10
     assert sorted({label for _, label, _ in shards.samples}) == [0, 1]
@@ -62,7 +62,7 @@ def test_labelled_shards_evaluate_with_the_class_names_of_their_manifest(tmp_pat
 def test_folder_source_writes_shards_manifest_and_labels(tmp_path):
     make_folder(tmp_path / "src")
     manifest = write_shards(open_source(str(tmp_path / "src"), templates=["a photo of a {}."]), str(tmp_path / "out"),
-                            per_shard=4, image_size=20)
+                            per_shard=4, encoding=ImageEncoding(image_size=20))
     assert [s["samples"] for s in manifest["shards"]] == [4, 4, 2] and manifest["total"] == 10 and manifest["complete"]
     assert manifest["class_names"] == ["ankle boot", "sandal"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
@@ -105,14 +105,17 @@ def test_csv_source_skips_and_counts_unusable_rows(tmp_path):
     save_png(tmp_path / "img" / "a.png", 1)
     save_png(tmp_path / "img" / "clipart.png", 0, mode="RGBA")  # fully transparent
     (tmp_path / "img" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
-    rows = ["filepath,title", "img/a.png,first", "img/broken.jpg,broken", "img/missing.png,gone", "img/a.png,", "img/clipart.png,clip"]
+    save_png(tmp_path / "img" / "uncaptioned.png", 2)
+    rows = ["filepath,title", "img/a.png,first", "img/broken.jpg,broken", "img/missing.png,gone", "img/a.png,",
+            "img/clipart.png,clip", "img/uncaptioned.png,"]
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
     manifest = write_shards(open_source(str(tmp_path / "pairs.csv")), str(tmp_path / "out"), per_shard=10,
-                            image_format="png")
+                            encoding=ImageEncoding(image_format="png"))
+    # One sample per image (a.png's empty second row adds no caption): broken, missing, uncaptioned skipped.
     assert manifest["total"] == 2 and manifest["skipped"] == 3 and manifest["class_names"] is None
     files = members(tmp_path / "out" / "shard-000000.tar")
-    assert files["000000004.txt"] == b"clip"
-    assert Image.open(io.BytesIO(files["000000004.png"])).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    assert files["000000000.txt"] == b"first" and files["000000003.txt"] == b"clip"
+    assert Image.open(io.BytesIO(files["000000003.png"])).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
 
 
 def test_unknown_source_is_a_clear_error(tmp_path):
@@ -137,3 +140,63 @@ def test_openclipart_collection_gives_titled_captions():
     assert len(source) > 8000 and "animals" in source.class_names
     sample = source.load(0)
     assert sample.caption.startswith("clip art of ") and sample.image.mode == "RGB"
+
+
+def write_sources(folder: Path) -> dict[str, bytes]:
+    """One file per storable kind, contents random so that a re-encode could not reproduce them."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    pixels = rng.integers(0, 255, (40, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "photo.jpg", quality=77)
+    Image.fromarray(pixels).save(folder / "drawing.png")
+    Image.fromarray(pixels).save(folder / "web.webp", quality=60)
+    Image.fromarray(pixels[:, :, 0]).save(folder / "gray.jpg", quality=80)
+    Image.fromarray(pixels).convert("RGBA").save(folder / "alpha.png")
+    Image.fromarray(pixels).save(folder / "old.bmp")
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+def written_images(shard: Path) -> dict[str, tuple[str, bytes]]:
+    """{source file name: (extension, bytes)} of a shard written from the CSV below."""
+    files = members(shard)
+    return {Path(json.loads(files[name]).get("path")).name: next(
+        (Path(other).suffix[1:], data) for other, data in files.items()
+        if other.startswith(name.split(".")[0]) and Path(other).suffix[1:] in ("jpg", "png", "webp"))
+        for name in files if name.endswith(".json")}
+
+
+def csv_of(folder: Path, names: list[str]) -> str:
+    (folder.parent / "pairs.csv").write_text("filepath,title\n" + "".join(f"{folder / n},{n}\n" for n in names))
+    return str(folder.parent / "pairs.csv")
+
+
+def test_source_bytes_are_copied_unchanged_where_they_can_be(tmp_path):
+    sources = write_sources(tmp_path / "src")
+    names = sorted(sources)
+    write_shards(open_source(csv_of(tmp_path / "src", names)), str(tmp_path / "out"), per_shard=10)
+    stored = written_images(tmp_path / "out" / "shard-000000.tar")
+    for name, extension in (("photo.jpg", "jpg"), ("drawing.png", "png"), ("web.webp", "webp"), ("gray.jpg", "jpg")):
+        assert stored[name] == (extension, sources[name]), name  # bit-identical
+    # Transparency is composited onto white by every source, which the file's bytes would not show;
+    # a BMP is no format to ship: both are encoded anew (--format, JPEG by default).
+    for name in ("alpha.png", "old.bmp"):
+        extension, data = stored[name]
+        assert extension == "jpg" and data != sources[name] and Image.open(io.BytesIO(data)).format == "JPEG"
+
+
+def test_max_side_and_reencode_encode_anew(tmp_path):
+    sources = write_sources(tmp_path / "src")
+    csv = csv_of(tmp_path / "src", ["photo.jpg", "drawing.png"])
+    write_shards(open_source(csv), str(tmp_path / "small"), per_shard=10, encoding=ImageEncoding(max_side=32))
+    for name, (extension, data) in written_images(tmp_path / "small" / "shard-000000.tar").items():
+        assert extension == "jpg" and Image.open(io.BytesIO(data)).size == (32, 20), name  # 64 x 40 -> longer side 32
+    write_shards(open_source(csv), str(tmp_path / "large"), per_shard=10, encoding=ImageEncoding(max_side=64))
+    assert written_images(tmp_path / "large" / "shard-000000.tar")["photo.jpg"] == ("jpg", sources["photo.jpg"])
+    write_shards(open_source(csv), str(tmp_path / "again"), per_shard=10,
+                 encoding=ImageEncoding(reencode=True, image_format="png"))
+    stored = written_images(tmp_path / "again" / "shard-000000.tar")
+    assert stored["drawing.png"][0] == "png" and stored["photo.jpg"][0] == "png"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(stored["drawing.png"][1]))),
+                          np.asarray(Image.open(tmp_path / "src" / "drawing.png")))  # PNG re-encode is lossless
+    with pytest.raises(ValueError, match="other settings"):  # copied and re-encoded shards never mix in one folder
+        write_shards(open_source(csv), str(tmp_path / "again"), per_shard=10)

@@ -235,3 +235,61 @@ def test_config_errors_name_the_field():
         WebDataConfig(urls=["a.tar"], resampled=True).validate()
     with pytest.raises(ValueError, match="urls is empty"):
         WebDataConfig().validate()
+
+
+def caption_tokens(captions: list[str]) -> torch.Tensor:
+    """Stands in for a tokenizer on 'sample <id> caption <j>': (id, j) per caption."""
+    return torch.tensor([[int(c.split()[1]), int(c.split()[3])] for c in captions], dtype=torch.long)
+
+
+def picks(batches) -> list[tuple[int, int]]:
+    return [tuple(row) for _, tokens in batches for row in tokens.tolist()]
+
+
+def caption_loader(cfg: WebDataConfig, seed: int, num_workers: int = 0):
+    return build_webdataset_loader(cfg, transform=to_tensor, tokenizer=caption_tokens, batch_size=4, seed=seed,
+                                   num_workers=num_workers)
+
+
+def test_a_sample_with_several_captions_gives_one_per_visit_seeded_and_every_one_over_epochs(tmp_path):
+    cfg = WebDataConfig(urls=[write_shards(tmp_path / "d", n_shards=2, per_shard=12, captions=3)], shuffle_buffer=5)
+    first, again, other = caption_loader(cfg, seed=1), caption_loader(cfg, seed=1), caption_loader(cfg, seed=2)
+    epoch = picks(first)
+    assert sorted(i for i, _ in epoch) == list(range(24)), "one visit per sample and epoch"
+    assert epoch == picks(again), "the same seed picks the same captions"
+    assert [j for _, j in sorted(epoch)] != [j for _, j in sorted(picks(other))], "another seed picks others"
+    seen: dict[int, set[int]] = {}
+    for _ in range(30):  # first.__iter__ moves to the next epoch
+        for sample, caption in picks(first):
+            seen.setdefault(sample, set()).add(caption)
+    assert all(captions == {0, 1, 2} for captions in seen.values()), seen
+
+
+def test_caption_picks_resume_exactly_mid_epoch_with_workers(tmp_path):
+    cfg = WebDataConfig(urls=[write_shards(tmp_path / "d", n_shards=4, per_shard=10, captions=5)], shuffle_buffer=7)
+    reference = caption_loader(cfg, seed=5, num_workers=2)
+    reference.set_epoch(2)
+    expected = picks(reference)
+    first = caption_loader(cfg, seed=5, num_workers=2)
+    first.set_epoch(2)
+    head = []
+    for batch in first:
+        head.append(batch)
+        if len(head) == 3:
+            break
+    resumed = caption_loader(cfg, seed=5, num_workers=2)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    resumed.set_epoch(2)
+    assert picks(head) + picks(resumed) == expected
+    assert len({j for _, j in expected}) == 5
+
+
+def test_captions_come_from_the_json_list_when_there_is_no_txt(tmp_path):
+    import webdataset as wds
+    (tmp_path / "d").mkdir()
+    with wds.TarWriter(str(tmp_path / "d" / "0.tar")) as sink:
+        for sid in range(8):
+            sink.write({"__key__": f"{sid:04d}", "jpg": jpeg(sid),
+                        "json": {"captions": [f"sample {sid} caption {j}" for j in range(2)]}})
+    cfg = WebDataConfig(urls=[str(tmp_path / "d" / "0.tar")], train_num_samples=8)
+    assert sorted(i for i, _ in picks(caption_loader(cfg, seed=0))) == list(range(8))

@@ -81,6 +81,7 @@ class DataConfig:
     batch_size: int = 64  # micro-batch per rank
     num_workers: int = 0  # DataLoader worker processes per rank (webdataset, csv, folder)
     worker_timeout_s: float = 300.0  # csv / folder: workers that deliver no batch for this long fail the run (webdataset: data.webdataset.timeout_s)
+    reduced_decode: bool = True  # decode a JPEG at 1/2, 1/4 or 1/8 size where its training crop is at least that much larger than the model's input (same crops; webdataset, csv, folder)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # kind: synthetic
     webdataset: WebDataConfig = field(default_factory=WebDataConfig)  # kind: webdataset (tar shards)
     csv: CsvConfig = field(default_factory=CsvConfig)  # kind: csv (image path + caption columns)

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dsclip.data.config import CsvConfig, FolderConfig
+from dsclip.data.decode import ImageDecoder
 from dsclip.data.images import ImageTooLarge, open_image
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def class_name_from_folder(folder: str) -> str:
     return folder.replace("_", " ").replace("-", " ").strip()
 
 
-def _load_image(path: str, transform: Callable) -> tuple[Optional[torch.Tensor], Optional[str]]:
+def _load_image(path: str, decode: ImageDecoder) -> tuple[Optional[torch.Tensor], Optional[str]]:
     """(transformed image, None) or (None, skip kind)."""
     if not os.path.isfile(path):
         return None, "missing_image"
@@ -53,7 +54,7 @@ def _load_image(path: str, transform: Callable) -> tuple[Optional[torch.Tensor],
         return None, "empty_image"
     try:
         with open_image(path) as img:
-            return transform(img.convert("RGB")), None
+            return decode(img), None
     except ImageTooLarge as exn:
         log.debug("image %s too large: %s", path, exn)
         return None, "too_large"
@@ -76,9 +77,9 @@ def _first_usable(index: int, size: int, load: Callable[[int], tuple[Optional[An
 class CsvDataset(Dataset):
     """(image tensor, tokens (context_length,)) per CSV/TSV row."""
 
-    def __init__(self, cfg: CsvConfig, *, transform: Callable, tokenizer: Callable):
+    def __init__(self, cfg: CsvConfig, *, transform: Callable, tokenizer: Callable, reduced_decode: bool = True):
         cfg.validate()
-        self.transform, self.tokenizer = transform, tokenizer
+        self.decode, self.tokenizer = ImageDecoder(transform, reduced_decode), tokenizer
         self.rows = read_csv_rows(cfg)
         self.counter = SkipCounter()
 
@@ -92,7 +93,7 @@ class CsvDataset(Dataset):
         path, caption = self.rows[index]
         if not caption:
             return None, "no_caption"
-        image, kind = _load_image(path, self.transform)
+        image, kind = _load_image(path, self.decode)
         return (image, self.tokenizer([caption])[0]) if image is not None else None, kind
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,9 +136,11 @@ class FolderDataset(Dataset):
     so every image meets every template over successive epochs (call set_epoch); labels=True returns
     (image tensor, class index) instead, for zero-shot evaluation."""
 
-    def __init__(self, cfg: FolderConfig, *, transform: Callable, tokenizer: Callable, labels: bool = False):
+    def __init__(self, cfg: FolderConfig, *, transform: Callable, tokenizer: Callable, labels: bool = False,
+                 reduced_decode: bool = True):
         cfg.validate()
-        self.transform, self.tokenizer, self.templates, self.labels = transform, tokenizer, cfg.templates, labels
+        self.decode, self.tokenizer = ImageDecoder(transform, reduced_decode), tokenizer
+        self.templates, self.labels = cfg.templates, labels
         self.class_names, self.items = list_image_folder(cfg.path)
         self.counter = SkipCounter()
         self.epoch = 0
@@ -153,7 +156,7 @@ class FolderDataset(Dataset):
 
     def _load(self, index: int) -> tuple[Optional[tuple[torch.Tensor, Any]], Optional[str]]:
         path, label = self.items[index]
-        image, kind = _load_image(path, self.transform)
+        image, kind = _load_image(path, self.decode)
         if image is None:
             return None, kind
         if self.labels:

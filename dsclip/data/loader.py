@@ -232,13 +232,15 @@ def build_train_data(cfg: DataConfig, model: ModelInputs, rank: int, world_size:
     if cfg.kind == "webdataset":
         return ShardData(build_webdataset_loader(
             cfg.webdataset, transform=model.train_transform, tokenizer=model.tokenizer, batch_size=cfg.batch_size,
-            world_size=world_size, rank=rank, seed=seed, num_workers=cfg.num_workers))
+            world_size=world_size, rank=rank, seed=seed, num_workers=cfg.num_workers, reduced_decode=cfg.reduced_decode))
     if cfg.kind == "synthetic":
         samples = synthetic.training_set(cfg.synthetic, seed, model.image_size, model.tokenizer,
                                          synthetic.Normalize(model.image_mean, model.image_std))
         return SyntheticData(samples, cfg.batch_size, rank, world_size, seed, accum)
     if cfg.kind == "csv":
-        dataset = CsvDataset(cfg.csv, transform=model.train_transform, tokenizer=model.tokenizer)
+        dataset = CsvDataset(cfg.csv, transform=model.train_transform, tokenizer=model.tokenizer,
+                             reduced_decode=cfg.reduced_decode)
     else:
-        dataset = FolderDataset(cfg.folder, transform=model.train_transform, tokenizer=model.tokenizer)
+        dataset = FolderDataset(cfg.folder, transform=model.train_transform, tokenizer=model.tokenizer,
+                                reduced_decode=cfg.reduced_decode)
     return MapStyleData(dataset, cfg.batch_size, cfg.num_workers, rank, world_size, seed, cfg.worker_timeout_s, accum)

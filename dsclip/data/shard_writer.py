@@ -9,11 +9,13 @@ Shard i holds source samples [i * per_shard, (i + 1) * per_shard) minus unusable
 shard whose final file exists: each shard is written under a temporary name and renamed once complete, and the
 manifest is rewritten after every shard.
 """
+import dataclasses
 import io
 import json
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import webdataset as wds
 from PIL import Image
@@ -28,13 +30,62 @@ from dsclip.logs import progress
 Layout = Literal["dsclip", "clip_benchmark"]
 
 
-def _encode(image: Image.Image, image_size: int, image_format: str) -> bytes:
-    if image_size > 0:
-        scale = image_size / min(image.size)  # shorter side to image_size; the train transform crops later
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
+COPIED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> the sample's extension
+
+
+@dataclass(frozen=True)
+class ImageEncoding:
+    """How make-shards stores an image: the source file's bytes, unchanged, when it is a JPEG, PNG or
+    WebP that needs no resizing (no decode and re-encode: smaller shards, faster reads, no generation
+    loss); otherwise encoded anew."""
+    image_size: int = 0  # resize the shorter side to this (0 = keep)
+    max_side: int = 0  # downscale so that the longer side is at most this (0 = keep)
+    image_format: Literal["jpg", "png"] = "jpg"  # when encoding
+    quality: int = 95  # JPEG quality when encoding
+    reencode: bool = False  # encode even where the bytes could be copied
+
+    def validate(self) -> None:
+        if self.image_size < 0 or self.max_side < 0 or self.image_format not in ("jpg", "png") \
+                or not 1 <= self.quality <= 100:
+            raise ValueError(f"make-shards: image_size={self.image_size} and max_side={self.max_side} must be >= 0, "
+                             f"image_format={self.image_format!r} jpg or png, quality={self.quality} in 1..100")
+
+    def settings(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _copyable(path: Optional[str]) -> Optional[str]:
+    """The extension to store `path`'s bytes under, or None when they cannot stand for the decoded
+    sample: not a JPEG/PNG/WebP, or transparent (sources composite transparency onto white, which
+    the loader's plain RGB conversion of the file would not)."""
+    if path is None:
+        return None
+    with Image.open(path) as img:
+        transparent = "A" in img.getbands() or "transparency" in img.info
+        return None if transparent else COPIED_FORMATS.get(img.format)
+
+
+def _target_size(image: Image.Image, encoding: ImageEncoding) -> tuple[int, int]:
+    width, height = image.size
+    scale = encoding.image_size / min(width, height) if encoding.image_size else 1.0  # the train transform crops later
+    if encoding.max_side and max(width, height) * scale > encoding.max_side:
+        scale = encoding.max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def image_bytes(sample: Sample, encoding: ImageEncoding) -> tuple[str, bytes]:
+    """(extension, bytes) to store for `sample`'s image."""
+    size = _target_size(sample.image, encoding)
+    extension = None if encoding.reencode or size != sample.image.size else _copyable(sample.file)
+    if extension is not None:
+        return extension, Path(sample.file).read_bytes()
+    image = sample.image.resize(size, Image.BICUBIC) if size != sample.image.size else sample.image
     buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=95) if image_format == "jpg" else image.save(buf, format="PNG")
-    return buf.getvalue()
+    if encoding.image_format == "jpg":
+        image.save(buf, format="JPEG", quality=encoding.quality)
+    else:
+        image.save(buf, format="PNG")
+    return encoding.image_format, buf.getvalue()
 
 
 def _count_keys(path: Path) -> int:
@@ -48,7 +99,9 @@ def _load_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     if not path.exists():
         return {**settings, "shards": [], "total": 0, "skipped": 0, "complete": False}
     manifest = json.loads(path.read_text())
-    manifest.setdefault("layout", "dsclip")  # written before there were two layouts
+    # Settings added later, as the shards of an older manifest were written: one layout, re-encoded.
+    for key, value in {"layout": "dsclip", "max_side": 0, "quality": 95, "reencode": True}.items():
+        manifest.setdefault(key, value)
     differ = {k: (manifest.get(k), v) for k, v in settings.items() if manifest.get(k) != v}
     if differ:
         raise ValueError(f"{out} holds shards written with other settings {differ} (existing, requested): "
@@ -56,25 +109,24 @@ def _load_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def write_shards(source: Source, out_dir: str, *, per_shard: int = 1000, image_size: int = 0,
-                 image_format: Literal["jpg", "png"] = "jpg", layout: Layout = "dsclip", split: str = "test",
+def write_shards(source: Source, out_dir: str, *, per_shard: int = 1000, encoding: ImageEncoding = ImageEncoding(),
+                 layout: Layout = "dsclip", split: str = "test",
                  templates: list[str] = SIMPLE_TEMPLATES) -> dict[str, Any]:
     """Write the shards and manifest.json into out_dir (clip_benchmark: out_dir/split, then the set's
     metadata files, `templates` among them); returns the manifest.
 
-    manifest.json: {"source", "per_shard", "image_size", "image_format", "layout", "class_names",
+    manifest.json: {"source", "per_shard", the ImageEncoding fields, "layout", "class_names",
     "shards": [{"name", "samples"}], "total", "skipped", "complete"}. dsclip.data.shards reads
     per-shard counts from it.
     """
-    if per_shard < 1 or image_size < 0 or image_format not in ("jpg", "png") or layout not in ("dsclip", "clip_benchmark"):
-        raise ValueError(f"make-shards: per_shard={per_shard} must be >= 1, image_size={image_size} >= 0, "
-                         f"image_format={image_format!r} one of jpg/png, layout={layout!r} dsclip or clip_benchmark")
+    if per_shard < 1 or layout not in ("dsclip", "clip_benchmark"):
+        raise ValueError(f"make-shards: per_shard={per_shard} must be >= 1, layout={layout!r} dsclip or clip_benchmark")
+    encoding.validate()
     check_templates(templates, "make-shards templates")
     out = Path(out_dir) / split if layout == "clip_benchmark" else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"source": source.name, "samples_in_source": len(source), "per_shard": per_shard,
-                "image_size": image_size, "image_format": image_format, "layout": layout,
-                "class_names": source.class_names}
+                **encoding.settings(), "layout": layout, "class_names": source.class_names}
     manifest = _load_manifest(out, settings)
     for stale in out.glob(".*.tar.tmp-*"):  # a killed run's half-written shard
         stale.unlink()
@@ -88,7 +140,7 @@ def write_shards(source: Source, out_dir: str, *, per_shard: int = 1000, image_s
         indices = range(shard * per_shard, min(len(source), (shard + 1) * per_shard))
         counts = {}
         atomic_write(out / name, lambda path: counts.update(
-            _write_tar(path, source, indices, image_size, image_format, layout)))
+            _write_tar(path, source, indices, encoding, layout)))
         done[name] = {"name": name, **counts}
         _save_manifest(out, manifest, done, complete=False)
     if layout == "clip_benchmark":
@@ -96,16 +148,16 @@ def write_shards(source: Source, out_dir: str, *, per_shard: int = 1000, image_s
     return _save_manifest(out, manifest, done, complete=True)
 
 
-def _sample_fields(index: int, sample: Sample, image: bytes, image_format: str, layout: Layout) -> dict[str, Any]:
+def _sample_fields(index: int, sample: Sample, image: tuple[str, bytes], layout: Layout) -> dict[str, Any]:
+    extension, data = image
     if layout == "dsclip":
-        return {"__key__": f"{index:09d}", image_format: image, "txt": sample.caption, "json": sample.meta}
+        return {"__key__": f"{index:09d}", extension: data, "txt": sample.caption, "json": sample.meta}
     label = sample.meta.get("label")  # CLIP_benchmark's writer: key s + index, the label as text
-    return {"__key__": f"s{index:07d}", image_format: image,
+    return {"__key__": f"s{index:07d}", extension: data,
             **({"cls": str(label)} if label is not None else {"txt": sample.caption})}
 
 
-def _write_tar(path: str, source: Source, indices: range, image_size: int, image_format: str,
-               layout: Layout) -> dict[str, int]:
+def _write_tar(path: str, source: Source, indices: range, encoding: ImageEncoding, layout: Layout) -> dict[str, int]:
     """One shard of `indices` at `path`; returns its sample and skip counts."""
     samples = skipped = 0
     with wds.TarWriter(path) as writer:
@@ -114,8 +166,7 @@ def _write_tar(path: str, source: Source, indices: range, image_size: int, image
             if sample is None:
                 skipped += 1
                 continue
-            image = _encode(sample.image, image_size, image_format)
-            writer.write(_sample_fields(index, sample, image, image_format, layout))
+            writer.write(_sample_fields(index, sample, image_bytes(sample, encoding), layout))
             samples += 1
     return {"samples": samples, "skipped": skipped}
 

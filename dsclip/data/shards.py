@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dsclip.credentials import redact
 from dsclip.data.config import WebDataConfig
+from dsclip.data.decode import ImageDecoder
 from dsclip.errors import DataStallError
 from dsclip.data.images import ImageTooLarge, open_image
 
@@ -202,6 +203,19 @@ def _first(sample: dict[str, Any], keys: list[str]) -> Optional[bytes]:
     return None
 
 
+def sample_captions(sample: dict[str, Any], caption_keys: list[str]) -> list[str]:
+    """A sample's captions: the lines of its first caption member (one caption per line), else the
+    "captions" list of its .json; empty when it has none."""
+    text = _first(sample, caption_keys)
+    if text is not None and not isinstance(text, TooLargeMember):
+        return [line.strip() for line in text.decode("utf-8", errors="replace").splitlines() if line.strip()]
+    try:
+        listed = json.loads(sample["json"]).get("captions", []) if "json" in sample else []
+    except (ValueError, AttributeError, TypeError):  # a .json that is not an object: no captions in it
+        return []
+    return [c.strip() for c in listed if isinstance(c, str) and c.strip()] if isinstance(listed, list) else []
+
+
 @dataclass
 class _Position:
     epoch: int = 0
@@ -215,9 +229,9 @@ class _ShardStream(IterableDataset):
     """Runs in each loader worker: yields (images, tokens, role, raw_pos, skip_counts); images is None for a final
     counts-only item so skips after the last full batch still reach the main process."""
 
-    def __init__(self, cfg: WebDataConfig, plan: _Plan, *, transform: Callable, tokenizer: Callable, batch_size: int,
+    def __init__(self, cfg: WebDataConfig, plan: _Plan, *, decode: ImageDecoder, tokenizer: Callable, batch_size: int,
                  rank: int, n_workers: int, seed: int, shuffle: bool, pos: _Position):
-        self.cfg, self.plan, self.transform, self.tokenizer = cfg, plan, transform, tokenizer
+        self.cfg, self.plan, self.decode, self.tokenizer = cfg, plan, decode, tokenizer
         self.batch_size, self.rank, self.n_workers, self.seed, self.shuffle = batch_size, rank, n_workers, seed, shuffle
         self.pos = pos
         self.image_keys = cfg.image_key.split(";")
@@ -303,9 +317,10 @@ class _ShardStream(IterableDataset):
                 raise RuntimeError(f"data.webdataset source {self.cfg.urls[i]!r} yields no samples from any shard")
 
     def _decode(self, sample: dict[str, Any], seed: int) -> tuple[Optional[tuple[torch.Tensor, str]], Optional[str]]:
-        """The sample's (image, caption), or the reason it is unusable. The transform's random draws come from
-        torch's RNG seeded with `seed` (from the sample's place in the stream), not from the worker's RNG, whose
-        state depends on what the worker decoded before: a resumed worker skips those samples undecoded."""
+        """The sample's (image, caption), or the reason it is unusable. The transform's random draws and, for a
+        sample with several captions, the caption picked come from `seed` (from the sample's place in the stream
+        and the epoch), not from the worker's RNG, whose state depends on what the worker decoded before: a
+        resumed worker skips those samples undecoded."""
         data = _first(sample, self.image_keys)
         if data is None:
             return None, "no_image"
@@ -313,14 +328,14 @@ class _ShardStream(IterableDataset):
             return None, "too_large"
         if len(data) == 0:
             return None, "empty_image"
-        text = _first(sample, self.caption_keys)
-        caption = text.decode("utf-8", errors="replace").strip() if text is not None else ""
-        if not caption:
+        captions = sample_captions(sample, self.caption_keys)
+        if not captions:
             return None, "no_caption"
+        caption = captions[0] if len(captions) == 1 else random.Random(seed).choice(captions)
         try:
             with open_image(io.BytesIO(data)) as img, torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                image = self.transform(img.convert("RGB"))
+                image = self.decode(img)
         except ImageTooLarge:
             return None, "too_large"
         except Exception as exn:  # any decoder or transform failure is a bad sample, never a stopped run
@@ -367,9 +382,9 @@ class WebLoader:
     a completed iteration moves on to the next epoch. skipped() returns cumulative skip counts per kind.
     """
 
-    def __init__(self, cfg: WebDataConfig, plan: _Plan, *, transform: Callable, tokenizer: Callable, batch_size: int,
+    def __init__(self, cfg: WebDataConfig, plan: _Plan, *, decode: ImageDecoder, tokenizer: Callable, batch_size: int,
                  rank: int, num_workers: int, seed: int, shuffle: bool, pin_memory: bool):
-        self.cfg, self.plan, self.transform, self.tokenizer = cfg, plan, transform, tokenizer
+        self.cfg, self.plan, self.decode, self.tokenizer = cfg, plan, decode, tokenizer
         self.batch_size, self.rank, self.num_workers, self.seed = batch_size, rank, num_workers, seed
         self.shuffle, self.pin_memory = shuffle, pin_memory
         self.n_workers = max(1, num_workers)
@@ -399,7 +414,7 @@ class WebLoader:
         self._skipped = {k: int(state["skipped"].get(k, 0)) for k in SKIP_KINDS}
 
     def _loader(self) -> DataLoader:
-        stream = _ShardStream(self.cfg, self.plan, transform=self.transform, tokenizer=self.tokenizer,
+        stream = _ShardStream(self.cfg, self.plan, decode=self.decode, tokenizer=self.tokenizer,
                               batch_size=self.batch_size, rank=self.rank, n_workers=self.n_workers, seed=self.seed,
                               shuffle=self.shuffle, pos=_Position(**{**vars(self._pos), "raw": list(self._pos.raw)}))
         timeout = self.cfg.timeout_s if self.num_workers > 0 else 0
@@ -447,16 +462,18 @@ class WebLoader:
 
 def build_webdataset_loader(cfg: WebDataConfig, *, transform: Callable, tokenizer: Callable, batch_size: int,
                             world_size: int = 1, rank: int = 0, seed: int = 0, num_workers: int = 0, train: bool = True,
-                            pin_memory: bool = False) -> WebLoader:
+                            pin_memory: bool = False, reduced_decode: bool = True) -> WebLoader:
     """Build the per-rank WebDataset loader; len() of the result is steps_per_epoch, equal on every rank.
 
     transform: PIL image -> float tensor (open_clip's preprocess_train / preprocess_val); tokenizer: list[str] ->
     LongTensor (b, context_length). train=False reads shards and samples in a fixed order (no shuffling).
+    reduced_decode: decode large JPEGs at the size the transform's crop needs (dsclip.data.decode).
     A missing local shard raises FileNotFoundError here, before any worker starts.
     """
     cfg.validate()
     if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size or num_workers < 0:
         raise ValueError(f"bad loader geometry: batch_size={batch_size}, world_size={world_size}, rank={rank}, num_workers={num_workers}")
     plan = _make_plan(cfg, batch_size=batch_size, world_size=world_size, num_workers=num_workers, seed=seed, shuffle=train)
-    return WebLoader(cfg, plan, transform=transform, tokenizer=tokenizer, batch_size=batch_size, rank=rank,
-                     num_workers=num_workers, seed=seed, shuffle=train, pin_memory=pin_memory)
+    return WebLoader(cfg, plan, decode=ImageDecoder(transform, reduced_decode), tokenizer=tokenizer,
+                     batch_size=batch_size, rank=rank, num_workers=num_workers, seed=seed, shuffle=train,
+                     pin_memory=pin_memory)

@@ -27,6 +27,7 @@ class Sample:
     image: Image.Image
     caption: str
     meta: dict[str, Any]  # written as the sample's .json (label and class name for classification sources)
+    file: Optional[str] = None  # the image file the sample was read from, whose bytes make-shards may copy
 
 
 class Source(Protocol):
@@ -54,31 +55,17 @@ def _open_rgb(path: str) -> Optional[Image.Image]:
 
 
 class CsvSource:
+    """One sample per image, in order of first appearance: the rows of an image are its captions
+    (several captions per image, as COCO and Flickr30k have), stored one per line."""
+
     def __init__(self, cfg: CsvConfig):
         cfg.validate()
         self.name, self.class_names = f"csv:{Path(cfg.path).resolve()}", None
-        self.rows = read_csv_rows(cfg)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def load(self, index: int) -> Optional[Sample]:
-        path, caption = self.rows[index]
-        image = _open_rgb(path) if caption else None
-        return Sample(image, caption, {"caption": caption, "path": path}) if image is not None else None
-
-
-class CaptionsByImage:
-    """A CSV's rows grouped by image, in order of first appearance: one sample per image whose
-    caption holds all of its captions, one per line (a retrieval set with several captions per
-    image, as COCO and Flickr30k have)."""
-
-    def __init__(self, source: CsvSource):
-        self.name, self.class_names = f"{source.name}:by-image", None
         grouped: dict[str, list[str]] = {}
-        for path, caption in source.rows:
+        for path, caption in read_csv_rows(cfg):
+            captions = grouped.setdefault(path, [])
             if caption:
-                grouped.setdefault(path, []).append(" ".join(caption.split()))  # a line break would split it
+                captions.append(" ".join(caption.split()))  # a line break inside would split the caption
         self.items = list(grouped.items())
 
     def __len__(self) -> int:
@@ -86,13 +73,11 @@ class CaptionsByImage:
 
     def load(self, index: int) -> Optional[Sample]:
         path, captions = self.items[index]
-        image = _open_rgb(path)
-        return Sample(image, "\n".join(captions), {"captions": captions, "path": path}) if image is not None else None
-
-
-def captions_by_image(source: Source) -> Source:
-    """`source` with a CSV's rows grouped by image (CaptionsByImage); other sources unchanged."""
-    return CaptionsByImage(source) if isinstance(source, CsvSource) else source
+        image = _open_rgb(path) if captions else None
+        if image is None:
+            return None
+        meta = {"caption": captions[0]} if len(captions) == 1 else {"captions": captions}
+        return Sample(image, "\n".join(captions), {**meta, "path": path}, path)
 
 
 class FolderSource:
@@ -113,7 +98,7 @@ class FolderSource:
             return None
         name = self.class_names[label]
         caption = self.templates[index % len(self.templates)].replace("{}", name)
-        return Sample(image, caption, {"label": label, "class_name": name, "path": path})
+        return Sample(image, caption, {"label": label, "class_name": name, "path": path}, path)
 
 
 def read_idx(path: Path, offset: int) -> np.ndarray:
@@ -165,7 +150,7 @@ class OpenclipartSource:
         title = " ".join(w for w in rel.stem.split("_") if w and not w.isdigit())
         category = " / ".join(p.replace("_", " ") for p in rel.parts[:-1])
         caption = f"clip art of {title}, {category}"
-        return Sample(image, caption, {"label": label, "class_name": self.class_names[label], "path": path})
+        return Sample(image, caption, {"label": label, "class_name": self.class_names[label], "path": path}, path)
 
 
 class FirstSamples:

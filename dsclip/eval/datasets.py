@@ -11,10 +11,10 @@ from torch.utils.data import Dataset
 
 from dsclip.data import synthetic
 from dsclip.data.clip_benchmark import image_member, index_samples, read_benchmark
-from dsclip.data.config import CsvConfig, SyntheticConfig
+from dsclip.data.config import CsvConfig, SyntheticConfig, WebDataConfig
 from dsclip.data.images import open_image
 from dsclip.data.loader import ModelInputs
-from dsclip.data.shards import expand_urls, read_manifest
+from dsclip.data.shards import expand_urls, read_manifest, sample_captions
 from dsclip.data.sources import FASHION_MNIST_DIR, CsvSource, FashionMnistSource, FolderSource, Source
 from dsclip.data.templates import SIMPLE_TEMPLATES, load_class_prompts
 from dsclip.eval.config import RetrievalTask, ZeroShotTask
@@ -37,7 +37,7 @@ class SyntheticLabelled(Dataset):
 
 
 class SourceImages(Dataset):
-    """(image, label, caption) from a data source (Fashion-MNIST, image folder, CSV)."""
+    """(image, label, captions) from a data source (Fashion-MNIST, image folder, CSV)."""
 
     def __init__(self, source: Source, transform: Callable):
         self.source, self.transform, self.class_names = source, transform, source.class_names
@@ -45,16 +45,20 @@ class SourceImages(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any, str]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any, list[str]]:
         sample = self.source.load(index)
         if sample is None:
             raise ValueError(f"evaluation image {index} of {self.source.name} cannot be read")
-        return self.transform(sample.image), sample.meta.get("label", -1), sample.caption
+        return self.transform(sample.image), sample.meta.get("label", -1), sample.caption.splitlines()
+
+
+CAPTION_KEYS = WebDataConfig().caption_key.split(";")  # the members training reads captions from
 
 
 class ShardPairs(Dataset):
     """Samples of WebDataset shards held in memory (evaluation sets are small): image bytes,
-    caption and, when the sample's .json has one, its label; class names from manifest.json."""
+    captions (all of them, one per line of the .txt) and, when the sample's .json has one, its
+    label; class names from manifest.json."""
 
     def __init__(self, pattern: str, transform: Callable, max_samples: int):
         urls = [u for source in pattern.split("::") for u in expand_urls(source)]
@@ -65,9 +69,8 @@ class ShardPairs(Dataset):
         for sample in wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False):
             image = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
             meta = json.loads(sample["json"]) if "json" in sample else {}
-            caption = sample.get("txt", b"").decode("utf-8").strip()
             if image is not None:
-                self.samples.append((image, meta.get("label", -1), caption))
+                self.samples.append((image, meta.get("label", -1), sample_captions(sample, CAPTION_KEYS) or [""]))
             if max_samples and len(self.samples) >= max_samples:
                 break
         manifest = read_manifest(str(Path(urls[0]).parent)) if "://" not in urls[0] else {}
