@@ -50,6 +50,11 @@ class CheckpointSaveError(CheckpointError, RankError):
     """This rank could not write its part of a checkpoint (a full disk, a lost mount)."""
 
 
+class DataSetError(UserError):
+    """Data on disk is not what its layout promises (a missing split file, a label outside the
+    classes, a sample without its caption) or cannot be written as asked."""
+
+
 class TransformersExportError(UserError):
     """The architecture has something transformers' CLIPModel cannot hold."""
 

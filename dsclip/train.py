@@ -34,6 +34,9 @@ def run(cfg: RunConfig, ds_config: dict[str, Any], resume: Optional[str] = None,
     from dsclip.training.components import build_run
     from dsclip.training.loop import StopSignals, Trainer
 
+    if cfg.train.export_transformers:
+        from dsclip.model.hf_export import clip_config
+        clip_config(cfg.model)  # a model CLIPModel cannot hold is refused before any rank trains
     stop = StopSignals().install()
     start_process_group(cfg.train.collective_timeout_s)
     trainer = Trainer(build_run(cfg, ds_config, resume, new_global_batch), stop)

@@ -334,3 +334,25 @@ def test_export_command_writes_safetensors_in_the_chosen_dtype(tmp_path, capsys)
     assert export_main([str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dsclip: error: checkpoint") and "not found" in err and err.count("\n") == 1
+
+
+def test_an_export_in_one_format_replaces_an_earlier_one_in_the_other(tmp_path):
+    """open_clip's local-dir: loads the safetensors file first: a later .bin export beside an earlier
+    safetensors one must not leave the old weights to be loaded."""
+    from dsclip.model.config import ModelConfig
+    from dsclip.model.weights import write_open_clip
+    model = open_clip.create_model("dsclip-tiny")
+    write_open_clip(model.state_dict(), ModelConfig(), tmp_path)
+    changed = {k: v + 1 if k == "visual.proj" else v for k, v in model.state_dict().items()}
+    write_open_clip(changed, ModelConfig(), tmp_path, safetensors=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["open_clip_config.json", "open_clip_pytorch_model.bin"]
+    loaded = open_clip.create_model(f"local-dir:{tmp_path}")
+    assert torch.equal(loaded.visual.proj, changed["visual.proj"])
+
+
+@pytest.mark.parametrize("fmt,out,fix", [("bin", "m.safetensors", "a .bin file or a .pt file or a .pth file"),
+                                         ("safetensors", "m.bin", "a .safetensors file"),
+                                         ("transformers", "m.safetensors", "a folder")])
+def test_an_export_file_name_that_contradicts_the_format_is_refused(tmp_path, fmt, out, fix, capsys):
+    assert export_main([str(tmp_path), "--format", fmt, "--out", str(tmp_path / out)]) != 0
+    assert f"--format is {fmt}: give {fix}" in capsys.readouterr().err

@@ -95,6 +95,44 @@ def test_an_architecture_clipmodel_cannot_hold_fails_in_one_line_and_writes_noth
     assert not list(tmp_path.iterdir())
 
 
+def test_an_export_replaces_an_earlier_one_but_never_a_folder_of_other_files(tmp_path):
+    model = open_clip.create_model("dsclip-tiny", nonscalar_logit_scale=True)
+    state, cfg = model.state_dict(), ModelConfig(name="dsclip-tiny")
+    out = write_transformers(state, cfg, tmp_path / "hf")
+    with torch.no_grad():
+        state["logit_scale"].fill_(2.0)
+    write_transformers(state, cfg, out)  # an earlier export: replaced whole
+    assert transformers.CLIPModel.from_pretrained(out).logit_scale.item() == pytest.approx(2.0)
+    (out / "notes.txt").write_text("mine")
+    shared = tmp_path / "models"
+    (shared / "other-model").mkdir(parents=True)
+    for folder, names in ((out, "notes.txt"), (shared, "other-model")):
+        before = sorted(p.name for p in folder.iterdir())
+        with pytest.raises(TransformersExportError, match=f"holds other files \\({names}\\)"):
+            write_transformers(state, cfg, folder)
+        assert sorted(p.name for p in folder.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "models"]  # no staging folder left
+
+
+def test_export_transformers_needs_the_export():
+    from dsclip.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="train.export_transformers is written with the export"):
+        load_config(None, ["train.export=false", "train.export_transformers=true"])
+
+
+@pytest.mark.multiprocess
+def test_a_run_that_cannot_export_to_transformers_is_refused_before_training(tmp_path):
+    import subprocess
+    import sys
+
+    from dsclip_testutils import REPO, subprocess_env
+    result = subprocess.run([sys.executable, "-m", "dsclip.cli", "train", "--output-dir", str(tmp_path),
+                             "--set", "model.name=RN50", "--set", "train.export_transformers=true"],
+                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "CLIPModel has no ResNet image tower" in result.stderr
+    assert not (tmp_path / "default" / "checkpoints").exists()
+
+
 @pytest.mark.multiprocess
 def test_a_run_exports_to_transformers_at_its_end_and_through_dsclip_export(tmp_path):
     """train.export_transformers writes <run>/export-transformers beside the safetensors export;

@@ -22,8 +22,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=0, help="resize the shorter side to this; 0 keeps it")
     p.add_argument("--max-side", type=int, default=0,
                    help="downscale images whose longer side is above this, once, at write time; 0 keeps them")
-    p.add_argument("--split", choices=["train", "test"], default="train",
-                   help="split of fashion-mnist; with --layout clip_benchmark also the split folder written")
+    p.add_argument("--split", help="split of fashion-mnist: train (default) or test; with --layout clip_benchmark "
+                   "also the split folder written (default test, where evaluation looks)")
     p.add_argument("--format", choices=["jpg", "png"], default="jpg",
                    help="encoding of images that are encoded anew (default jpg); a JPEG, PNG or WebP source file that "
                         "needs no resizing is copied unchanged")
@@ -45,13 +45,13 @@ def make_shards(args: argparse.Namespace) -> int:
     from dsclip.data.shard_writer import ImageEncoding, write_shards
     from dsclip.data.sources import FirstSamples, open_source
 
-    source = open_source(args.src, split=args.split, image_column=args.image_column,
+    source = open_source(args.src, split=args.split or "train", image_column=args.image_column,
                          caption_column=args.caption_column)
     if args.limit:
         source = FirstSamples(source, args.limit)
     encoding = ImageEncoding(image_size=args.image_size, max_side=args.max_side, image_format=args.format,
                              quality=args.quality, reencode=args.reencode)
     manifest = write_shards(source, args.out, per_shard=args.per_shard, encoding=encoding, layout=args.layout,
-                            split=args.split)
+                            split=args.split or "test")
     log.info("wrote %d shards, %d samples, to %s", len(manifest["shards"]), manifest["total"], args.out)
     return 0

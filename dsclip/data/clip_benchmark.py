@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+from dsclip.data.config import WebDataConfig
+from dsclip.errors import DataSetError
 from dsclip.data.templates import check_templates
 
 CLASSNAMES = "classnames.txt"
@@ -26,7 +28,7 @@ DATASET_TYPE = "dataset_type.txt"
 NSHARDS = "nshards.txt"
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
 CLASS_PLACEHOLDER = "{c}"  # CLIP_benchmark's class-name slot; dsclip's templates use "{}"
-MAX_MEMBER_BYTES = 256 * 2**20  # a member above this is refused unread (data.webdataset.max_member_mb's default)
+MAX_MEMBER_BYTES = int(WebDataConfig().max_member_mb * 2**20)  # a member above this is refused unread
 
 Kind = Literal["classification", "retrieval"]
 
@@ -38,10 +40,13 @@ class Member:
     offset: int
     size: int
 
-    def read(self) -> bytes:
+    def check_size(self) -> None:
         if self.size > MAX_MEMBER_BYTES:
-            raise ValueError(f"{self.shard}: a member of {self.size} bytes at offset {self.offset} is above "
+            raise DataSetError(f"{self.shard}: a member of {self.size} bytes at offset {self.offset} is above "
                              f"{MAX_MEMBER_BYTES} bytes; is this file an evaluation shard?")
+
+    def read(self) -> bytes:
+        self.check_size()
         with open(self.shard, "rb") as f:
             f.seek(self.offset)
             return f.read(self.size)
@@ -73,7 +78,7 @@ def _dataset_kind(root: Path) -> Kind:
     path = root / DATASET_TYPE
     kind = path.read_text(encoding="utf-8").strip().lower() if path.is_file() else "classification"
     if kind not in ("classification", "retrieval"):
-        raise ValueError(f"{path} says {kind!r}; dsclip reads classification and retrieval sets "
+        raise DataSetError(f"{path} says {kind!r}; dsclip reads classification and retrieval sets "
                          "(multi-label sets are not supported)")
     return kind  # type: ignore[return-value]
 
@@ -82,18 +87,18 @@ def read_benchmark(root: str | Path, split: str) -> BenchmarkSet:
     """The set at `root` (a local folder in CLIP_benchmark's layout, see the module docstring)."""
     root = Path(root)
     if "://" in str(root):
-        raise ValueError(f"CLIP_benchmark set {root}: give a local folder; download it first, e.g. "
+        raise DataSetError(f"CLIP_benchmark set {root}: give a local folder; download it first, e.g. "
                          "`huggingface-cli download clip-benchmark/wds_cifar10 --repo-type dataset --local-dir DIR`")
     if not root.is_dir():
         raise FileNotFoundError(f"CLIP_benchmark set {root} is not a folder")
     nshards = root / split / NSHARDS
     if not nshards.is_file():
         splits = sorted(p.parent.name for p in root.glob(f"*/{NSHARDS}"))
-        raise ValueError(f"{root} has no split {split!r} in CLIP_benchmark's layout ({split}/{NSHARDS} is missing); "
+        raise DataSetError(f"{root} has no split {split!r} in CLIP_benchmark's layout ({split}/{NSHARDS} is missing); "
                          f"splits found: {splits or 'none'}")
     count = nshards.read_text().strip()
     if not count.isdigit() or int(count) < 1:
-        raise ValueError(f"{nshards} must hold a positive shard count, got {count!r}")
+        raise DataSetError(f"{nshards} must hold a positive shard count, got {count!r}")
     shards = [root / split / f"{i}.tar" for i in range(int(count))]
     missing = [s for s in shards if not s.is_file()]
     if missing:
@@ -102,7 +107,7 @@ def read_benchmark(root: str | Path, split: str) -> BenchmarkSet:
     class_names = templates = None
     if kind == "classification":
         if not (root / CLASSNAMES).is_file():
-            raise ValueError(f"{root} is a classification set without {CLASSNAMES}: write its class names, one per line")
+            raise DataSetError(f"{root} is a classification set without {CLASSNAMES}: write its class names, one per line")
         class_names = _lines(root / CLASSNAMES)
         if (root / TEMPLATES).is_file():
             templates = [to_dsclip_template(t) for t in _lines(root / TEMPLATES)]

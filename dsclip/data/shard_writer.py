@@ -23,6 +23,7 @@ from PIL import Image
 from dsclip.data import clip_benchmark
 from dsclip.data.shards import MANIFEST
 from dsclip.data.sources import Sample, Source
+from dsclip.errors import DataSetError
 from dsclip.data.templates import SIMPLE_TEMPLATES, check_templates
 from dsclip.fileio import atomic_write, atomic_write_text
 from dsclip.logs import progress
@@ -47,7 +48,7 @@ class ImageEncoding:
     def validate(self) -> None:
         if self.image_size < 0 or self.max_side < 0 or self.image_format not in ("jpg", "png") \
                 or not 1 <= self.quality <= 100:
-            raise ValueError(f"make-shards: image_size={self.image_size} and max_side={self.max_side} must be >= 0, "
+            raise DataSetError(f"make-shards: image_size={self.image_size} and max_side={self.max_side} must be >= 0, "
                              f"image_format={self.image_format!r} jpg or png, quality={self.quality} in 1..100")
 
     def settings(self) -> dict[str, Any]:
@@ -104,7 +105,7 @@ def _load_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
         manifest.setdefault(key, value)
     differ = {k: (manifest.get(k), v) for k, v in settings.items() if manifest.get(k) != v}
     if differ:
-        raise ValueError(f"{out} holds shards written with other settings {differ} (existing, requested): "
+        raise DataSetError(f"{out} holds shards written with other settings {differ} (existing, requested): "
                          "write to a new --out folder or delete it")
     return manifest
 
@@ -120,7 +121,7 @@ def write_shards(source: Source, out_dir: str, *, per_shard: int = 1000, encodin
     per-shard counts from it.
     """
     if per_shard < 1 or layout not in ("dsclip", "clip_benchmark"):
-        raise ValueError(f"make-shards: per_shard={per_shard} must be >= 1, layout={layout!r} dsclip or clip_benchmark")
+        raise DataSetError(f"make-shards: per_shard={per_shard} must be >= 1, layout={layout!r} dsclip or clip_benchmark")
     encoding.validate()
     check_templates(templates, "make-shards templates")
     out = Path(out_dir) / split if layout == "clip_benchmark" else Path(out_dir)
@@ -184,7 +185,7 @@ def _write_benchmark_metadata(root: Path, split_folder: Path, n_shards: int, cla
 
 
 def _save_manifest(out: Path, manifest: dict[str, Any], done: dict[str, dict], complete: bool) -> dict[str, Any]:
-    shards = [done[k] for k in sorted(done)]
+    shards = [done[k] for k in sorted(done, key=lambda name: (len(name), name))]  # 2.tar before 10.tar
     manifest.update(shards=shards, total=sum(s["samples"] for s in shards), skipped=sum(s["skipped"] for s in shards),
                     complete=complete)
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))

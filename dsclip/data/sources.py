@@ -13,6 +13,7 @@ from PIL import Image
 from dsclip.data.config import CsvConfig
 from dsclip.data.files import list_image_folder, read_csv_rows
 from dsclip.data.templates import SIMPLE_TEMPLATES, check_templates
+from dsclip.errors import DataSetError
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ def read_idx(path: Path, offset: int) -> np.ndarray:
 class FashionMnistSource:
     def __init__(self, root: str, split: Literal["train", "test"], templates: list[str]):
         check_templates(templates, "make-shards templates")
+        if split not in ("train", "test"):
+            raise DataSetError(f"Fashion-MNIST has the splits train and test, not {split!r}")
         prefix = {"train": "train", "test": "t10k"}[split]
         images, labels = Path(root) / f"{prefix}-images-idx3-ubyte.gz", Path(root) / f"{prefix}-labels-idx1-ubyte.gz"
         for path in (images, labels):

@@ -7,7 +7,7 @@ from dsclip.data.templates import SIMPLE_TEMPLATES, TEMPLATE_SETS, check_templat
 
 @dataclass
 class ZeroShotTask:
-    name: str = "synthetic"  # metrics are eval/<name>/top1 and eval/<name>/top5
+    name: str = "synthetic"  # metrics are eval/<name>/top1, top5 and mean_per_class_recall
     source: Literal["synthetic", "fashion-mnist", "folder", "webdataset", "clip_benchmark"] = "synthetic"  # labelled images
     path: str = ""  # folder (one subfolder per class), shard pattern with .json labels, Fashion-MNIST idx folder, or a CLIP_benchmark set's folder
     split: str = "test"  # fashion-mnist: train or test; clip_benchmark: the split folder

@@ -10,13 +10,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dsclip.data import synthetic
-from dsclip.data.clip_benchmark import image_member, index_samples, read_benchmark
+from dsclip.data.clip_benchmark import CLASSNAMES, IMAGE_EXTENSIONS, Member, image_member, index_samples, read_benchmark
 from dsclip.data.config import CsvConfig, SyntheticConfig, WebDataConfig
 from dsclip.data.images import open_image
 from dsclip.data.loader import ModelInputs
 from dsclip.data.shards import expand_urls, read_manifest, sample_captions
 from dsclip.data.sources import FASHION_MNIST_DIR, CsvSource, FashionMnistSource, FolderSource, Source
 from dsclip.data.templates import SIMPLE_TEMPLATES, load_class_prompts
+from dsclip.errors import DataSetError
 from dsclip.eval.config import RetrievalTask, ZeroShotTask
 
 
@@ -67,7 +68,7 @@ class ShardPairs(Dataset):
             raise FileNotFoundError(f"evaluation shard {missing[0]} not found")
         self.transform, self.samples = transform, []
         for sample in wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False):
-            image = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+            image = next((sample[k] for k in IMAGE_EXTENSIONS if k in sample), None)
             meta = json.loads(sample["json"]) if "json" in sample else {}
             if image is not None:
                 self.samples.append((image, meta.get("label", -1), sample_captions(sample, CAPTION_KEYS) or [""]))
@@ -87,33 +88,49 @@ class ShardPairs(Dataset):
 
 class BenchmarkImages(Dataset):
     """A CLIP_benchmark set (dsclip.data.clip_benchmark): (image, label, "") for classification,
-    (image, -1, [captions]) for retrieval. Samples are read by offset, one at a time."""
+    (image, -1, [captions]) for retrieval. Images are read by offset, one at a time; labels and
+    captions are read and checked up front, so a bad set fails on every rank at once, not on the
+    one rank whose share holds the bad sample."""
 
     def __init__(self, task: ZeroShotTask | RetrievalTask, transform: Callable):
         wanted = "classification" if isinstance(task, ZeroShotTask) else "retrieval"
         self.set, self.transform = read_benchmark(task.path, task.split), transform
         if self.set.kind != wanted:
-            section = "eval.retrieval" if wanted == "retrieval" else "eval.zeroshot"
-            raise ValueError(f"{section} '{task.name}': {task.path} is a {self.set.kind} set; "
-                             f"list it under eval.{'zeroshot' if self.set.kind == 'classification' else 'retrieval'}")
+            section, other = ("eval.zeroshot", "eval.retrieval") if wanted == "classification" else \
+                ("eval.retrieval", "eval.zeroshot")
+            raise DataSetError(f"{section} '{task.name}': {task.path} is a {self.set.kind} set; list it under {other}")
         self.class_names, self.templates = self.set.class_names, self.set.templates
         self.samples = index_samples(self.set.shards)
-        field_name = "cls" if wanted == "classification" else "txt"
-        for index, sample in enumerate(self.samples):
-            if image_member(sample) is None or field_name not in sample:
-                raise ValueError(f"{task.path}: sample {index} ({sorted(sample)}) lacks an image or its {field_name}: "
-                                 f"is this a CLIP_benchmark {self.set.kind} set?")
+        self.targets = [self._target(index, sample, wanted) for index, sample in enumerate(self.samples)]
+
+    def _target(self, index: int, sample: dict[str, Member], kind: str) -> int | list[str]:
+        """The label or the captions of a sample, or ValueError saying what is wrong with it."""
+        field_name = "cls" if kind == "classification" else "txt"
+        image = image_member(sample)
+        where = f"{self.set.root}: sample {index} ({sorted(sample)})"
+        if image is None or field_name not in sample:
+            raise DataSetError(f"{where} lacks an image or its {field_name}: is this a CLIP_benchmark {kind} set?")
+        image.check_size()
+        text = sample[field_name].read().decode("utf-8", errors="replace")
+        if kind == "retrieval":
+            captions = [line.strip() for line in text.splitlines() if line.strip()]
+            if not captions:
+                raise DataSetError(f"{where} has no caption in its txt: give each image at least one")
+            return captions
+        label = text.strip()
+        if not label.isdigit() or int(label) >= len(self.class_names):
+            raise DataSetError(f"{where} has label {label!r}, not one of the {len(self.class_names)} classes of "
+                             f"{CLASSNAMES}")
+        return int(label)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Any, Any]:
-        sample = self.samples[index]
-        with open_image(io.BytesIO(image_member(sample).read())) as img:
+        with open_image(io.BytesIO(image_member(self.samples[index]).read())) as img:
             image = self.transform(img.convert("RGB"))
-        if self.set.kind == "classification":
-            return image, int(sample["cls"].read()), ""
-        return image, -1, [c.strip() for c in sample["txt"].read().decode("utf-8").splitlines() if c.strip()]
+        target = self.targets[index]
+        return (image, target, "") if self.set.kind == "classification" else (image, -1, target)
 
 
 def eval_dataset(task: ZeroShotTask | RetrievalTask, model: ModelInputs, synthetic_cfg: SyntheticConfig,

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from dsclip.data.config import SyntheticConfig
 from dsclip.data.loader import ModelInputs
+from dsclip.errors import DataSetError
 from dsclip.eval.config import EvalConfig
 from dsclip.eval.datasets import eval_dataset, prompts_for
 from dsclip.eval.metrics import (class_recall_counts, mean_per_class_recall, retrieval_metrics, topk_correct,
@@ -100,23 +101,26 @@ class ZeroShotEval:
     def run(self, model, device: torch.device, dtype: torch.dtype, stop: Stop = None) -> dict[str, float]:
         text = model(texts=self.prompt_tokens.to(device))[1].float()
         classifier = zeroshot_classifier_weights(text.view(self.num_classes, self.num_templates, -1))
+        unlabelled = torch.zeros(1, dtype=torch.float64, device=text.device)
         top5 = torch.zeros(1, dtype=torch.float64, device=text.device)
         class_hits = torch.zeros(self.num_classes, dtype=torch.float64, device=text.device)
         class_counts = torch.zeros_like(class_hits)
         for batch in encode_shard(model, self.dataset, self.max_samples, self.batch_size, device, dtype,
                                   desc=f"eval {self.name}", stop=stop):
-            logits, labels = (batch.image_features @ classifier)[batch.valid], batch.labels[batch.valid]
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(f"eval.zeroshot '{self.name}': an image without a label in 0..{self.num_classes - 1}; "
-                                 "its labels and the class list do not match")
+            labelled = batch.valid & (batch.labels >= 0) & (batch.labels < self.num_classes)
+            unlabelled += (batch.valid & ~labelled).sum()
+            logits, labels = (batch.image_features @ classifier)[labelled], batch.labels[labelled]
             top5 += topk_correct(logits, labels, ks=(5,))[5]
             hits, counts = class_recall_counts(logits, labels, self.num_classes)
             class_hits += hits
             class_counts += counts
-        totals = torch.cat([top5, class_hits, class_counts])
+        totals = torch.cat([unlabelled, top5, class_hits, class_counts])
         if dist.is_initialized():
-            dist.all_reduce(totals)  # 1 + 2 x classes numbers per evaluation
-        top5, class_hits, class_counts = totals[0], totals[1:1 + self.num_classes], totals[1 + self.num_classes:]
+            dist.all_reduce(totals)  # 2 + 2 x classes numbers per evaluation
+        if totals[0] > 0:  # raised on every rank, after the all-reduce: no rank is left waiting
+            raise DataSetError(f"eval.zeroshot '{self.name}': {int(totals[0])} images without a label in "
+                             f"0..{self.num_classes - 1}: its labels and the class list do not match")
+        top5, class_hits, class_counts = totals[1], totals[2:2 + self.num_classes], totals[2 + self.num_classes:]
         total = class_counts.sum().item()
         return {eval_key(self.name, TOP1): 100 * class_hits.sum().item() / total,
                 eval_key(self.name, TOP5): 100 * top5.item() / total,

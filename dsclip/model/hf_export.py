@@ -28,11 +28,15 @@ from dsclip.model.config import ModelConfig
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"  # transformers' names of open_clip's special tokens
 OPEN_CLIP_VOCAB = 49408  # the BPE vocabulary open_clip's SimpleTokenizer and CLIPTokenizer share
 RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL's resampling codes, as CLIPImageProcessor takes them
+# What write_transformers puts in its folder (transformers 5): an earlier export holds these only.
+EXPORT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+                "merges.txt", "special_tokens_map.json", "preprocessor_config.json", "processor_config.json"}
 
 
 def _unsupported(model: str, what: str) -> TransformersExportError:
-    return TransformersExportError(f"{model} cannot be exported to transformers: CLIPModel has no {what}; export "
-                                   "it in open_clip's format instead (dsclip export --format safetensors)")
+    return TransformersExportError(f"{model} cannot be exported to transformers: CLIPModel has no {what}; keep "
+                                   "open_clip's format (dsclip export --format safetensors; in a recipe "
+                                   "train.export_transformers: false)")
 
 
 def _square(value: Any, model: str, what: str) -> int:
@@ -174,13 +178,32 @@ def image_processor(config: dict[str, Any], model: ModelConfig):
                               image_std=list(preprocess.std))
 
 
+def _replaceable(out: Path, model: str) -> None:
+    """`out` may be replaced whole only when it is missing, empty, or an earlier export of this kind
+    (a CLIPModel config.json and nothing foreign beside it): an export never deletes a user's files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise TransformersExportError(f"cannot write {model}'s transformers export to {out}: it is a file; "
+                                      "give a folder path (--out)")
+    names = {p.name for p in out.iterdir()}
+    config = out / "config.json"
+    earlier = config.is_file() and json.loads(config.read_text() or "{}").get("model_type") == "clip"
+    if names and not (earlier and names <= EXPORT_FILES):
+        foreign = ", ".join(sorted(names - EXPORT_FILES)) or "no CLIPModel config.json"
+        raise TransformersExportError(f"{out} holds other files ({foreign}); the transformers export replaces its "
+                                      "folder whole: give an empty or new folder (--out)")
+
+
 def write_transformers(state: dict[str, torch.Tensor], model: ModelConfig, out: Path) -> Path:
-    """A folder `out` that CLIPModel and CLIPProcessor load, from open_clip weights `state`; replaced
-    whole (built beside it, then renamed), never left half-written. Returns the folder."""
+    """A folder `out` that CLIPModel and CLIPProcessor load, from open_clip weights `state`; built
+    beside it, then renamed over an earlier export (never over other files), so it is never left
+    half-written. Returns the folder."""
     from safetensors.torch import save_file
     from transformers import CLIPConfig, CLIPProcessor, CLIPTokenizer
 
     fields = clip_config(model)  # refusals first: nothing is written for a model CLIPModel cannot hold
+    _replaceable(out, model.name)
     config = sized_config(model.name, model.image_size, model.context_length)
     processor = image_processor(config, model)
     tensors = to_transformers(state, fields)
@@ -196,7 +219,12 @@ def write_transformers(state: dict[str, torch.Tensor], model: ModelConfig, out: 
         sync_tree(staging)
         if out.exists():
             out.rename(old)
-        staging.rename(out)
+        try:
+            staging.rename(out)
+        except OSError:
+            if old.exists():
+                old.rename(out)  # the earlier export stays where it was
+            raise
         sync_folder(out.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

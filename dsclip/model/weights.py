@@ -1,6 +1,7 @@
 """open_clip's weight-file layout, written: a folder open_clip loads as `local-dir:` or a
 weights file with its config beside it. Exports and WiSE-FT mixes are written here."""
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -8,6 +9,8 @@ import torch
 from dsclip.fileio import atomic_write, atomic_write_text
 from dsclip.model.architectures import sized_config
 from dsclip.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "open_clip_pytorch_model.bin"
 SAFETENSORS_FILE = "open_clip_model.safetensors"
@@ -34,6 +37,11 @@ def write_open_clip(state: dict[str, torch.Tensor], model: ModelConfig, out: Pat
         atomic_write(weights, lambda path: save_file({k: v.contiguous() for k, v in state.items()}, path))
     else:
         atomic_write(weights, lambda path: torch.save(state, path))
+    if weights.name in HF_WEIGHT_FILES:  # an earlier export's file in another format would be loaded instead
+        for stale in (weights.parent / name for name in HF_WEIGHT_FILES if name != weights.name):
+            if stale.exists():
+                log.info("removed %s: %s replaces it", stale, weights.name)
+                stale.unlink()
     model_cfg = sized_config(model.name, model.image_size, model.context_length)
     atomic_write_text(config, json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}, indent=2))
     return weights

@@ -62,7 +62,8 @@ class OptimConfig:
 
 
 # open_clip's layout in safetensors or a pickle; a folder transformers' CLIPModel loads
-EXPORT_FORMATS = ("safetensors", "bin", "transformers")
+TRANSFORMERS = "transformers"  # the export format of a transformers CLIPModel folder
+EXPORT_FORMATS = ("safetensors", "bin", TRANSFORMERS)
 
 
 @dataclass
@@ -92,3 +93,6 @@ class TrainConfig:
             raise ConfigError(f"train.collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}")
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        if self.export_transformers and not self.export:
+            raise ConfigError("train.export_transformers is written with the export: set train.export: true, "
+                              "or export_transformers: false")

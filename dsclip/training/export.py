@@ -11,10 +11,9 @@ from dsclip.model.config import AdapterConfig, ModelConfig
 from dsclip.model.hf_export import clip_config, write_transformers
 from dsclip.model.run_folder import consolidated_state_dict
 from dsclip.model.weights import WEIGHT_SUFFIXES, write_open_clip
-from dsclip.training.config import EXPORT_FORMATS
+from dsclip.training.config import EXPORT_FORMATS, TRANSFORMERS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TRANSFORMERS = EXPORT_FORMATS[2]
 
 
 def adapters_folder(out: Path) -> Path:

@@ -20,7 +20,8 @@ from dsclip.eval.tasks import EvaluationStopped, run_evals
 from dsclip.training import memory
 from dsclip.training.components import RunParts
 from dsclip.ranks import rank0_decides
-from dsclip.training.export import TRANSFORMERS, export_checkpoint
+from dsclip.training.config import TRANSFORMERS
+from dsclip.training.export import export_checkpoint
 from dsclip.training.grad_cache import TrainableTowers, cached_step
 from dsclip.training.temperature import clamp_logit_scale
 
