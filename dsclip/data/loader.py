@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dsclip.data import synthetic
 from dsclip.data.config import DataConfig
+from dsclip.data.decode import seeded
 from dsclip.data.files import CsvDataset, FolderDataset
 from dsclip.data.shards import WebLoader, build_webdataset_loader
 from dsclip.errors import DataStallError
@@ -82,8 +83,7 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
+        with seeded(hash((self.seed, self.epoch, index)) % 2**63):
             return self.dataset[index]
 
 
