@@ -311,10 +311,6 @@ def loss_speed() -> str:
 
 
 # -- bench/data.py: bench/results/data_cpu.json ---------------------------------------------------------
-DATA_LABELS = {"dsclip webdataset (+tokenize)": "dsclip shard loader (images/s)",
-               "torchvision ImageFolder": "torchvision ImageFolder (images/s)"}
-
-
 def _workers(n: str) -> str:
     return f"{n} worker" + ("" if n == "1" else "s")
 
@@ -322,18 +318,32 @@ def _workers(n: str) -> str:
 def data_table() -> str:
     d = load("data_cpu.json")
     workers = [str(w) for w in d["args"]["workers"]]
-    rows = [[DATA_LABELS[loader], *(f"{rates[w]:.0f}" for w in workers)] for loader, rates in d["images_per_s"].items()]
-    lead = (f"Measured {d['date']} on the shared {d['cpus']}-vCPU machine, 1-minute load "
-            f"{d['load_before'][0]:.1f} before and {d['load_after'][0]:.1f} after, `bench/results/data_cpu.json`:")
-    return lead + "\n\n" + table(["loader", *map(_workers, workers)], "l" + "r" * len(workers), rows)
+    rows = []
+    for case, result in d["cases"].items():
+        for loader, rates in result["images_per_s"].items():
+            rows.append([f"{case} ({result['source_size']} px)", loader, *(f"{rates[w]:.0f}" for w in workers)])
+    lead = (f"Images per second, measured {d['date']} with `python bench/data.py` on the shared {d['cpus']}-vCPU "
+            f"machine (1-minute load {d['load_before'][0]:.1f} before, {d['load_after'][0]:.1f} after; "
+            f"`bench/results/data_cpu.json`), model input {d['args']['image_size']} px:")
+    return lead + "\n\n" + table(["JPEGs", "loader", *map(_workers, workers)], "ll" + "r" * len(workers), rows)
 
 
 def data_ratio() -> str:
     d = load("data_cpu.json")
-    ours, theirs = (d["images_per_s"][name] for name in DATA_LABELS)
     workers = [str(w) for w in d["args"]["workers"]]
-    ratios = " / ".join(ratio(ours[w] / theirs[w]) for w in workers)
-    return f"The shard loader runs at {ratios} of ImageFolder's rate with {' / '.join(workers)} workers."
+    parts = []
+    for case, result in d["cases"].items():
+        folder = " / ".join(ratio(result["vs_imagefolder"][w]) for w in workers)
+        pipeline = " / ".join(ratio(result["vs_webdataset"][w]) for w in workers)
+        parts.append(f"{case}: {folder} of ImageFolder's rate and {pipeline} of webdataset's pipeline")
+    return f"dsclip's shard loader, with {' / '.join(workers)} workers, {'; '.join(parts)}."
+
+
+def data_stages() -> str:
+    d = load("data_cpu.json")
+    stages = list(next(iter(d["cases"].values()))["stage_ms_per_1000"])
+    rows = [[case, *(f"{result['stage_ms_per_1000'][s] / 1000:.2f}" for s in stages)] for case, result in d["cases"].items()]
+    return table(["JPEGs", *(f"{s} (ms/image)" for s in stages)], "l" + "r" * len(stages), rows)
 
 
 # -- bench/wiseft_example.py: bench/results/wiseft_example.json ----------------------------------------
@@ -552,7 +562,7 @@ BLOCKS: dict[str, Callable[[], str]] = {f.__name__: f for f in [
     default_run_table, default_run_median, default_run_slow_windows, default_run_summary,
     train_table, zero3_repeats_summary, train_ckpt_table, scaling_table,
     loss_conditions, loss_table, loss_largest_batch, loss_speed,
-    data_table, data_ratio,
+    data_table, data_ratio, data_stages,
     wiseft_table, wiseft_summary, wiseft_stage_times,
     test_tiers, grad_cache_table, grad_cache_summary, faults_table, zero_init_table, zero_init_summary,
     strategies_table, strategies_summary, patch_dropout_table, standard_eval_table, standard_eval_summary,

@@ -39,7 +39,7 @@ class Pipe(io.RawIOBase):
         return True
 
     def read(self, size: int = -1) -> bytes:
-        return self.data.read(min(size, 700) if size >= 0 else size)
+        return self.data.read(min(size, 100) if size >= 0 else size)
 
 
 @pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT], ids=["pax", "gnu"])
@@ -69,3 +69,33 @@ def test_damaged_archives_raise_format_errors():
         list(tar_file_members(io.BytesIO(bytes(data)), 1 << 20))
     with pytest.raises(TarFormatError, match="empty file"):
         list(tar_file_members(io.BytesIO(b""), 1 << 20))
+
+
+def pax_archive(records: bytes) -> bytes:
+    """An archive whose first member has a pax header with `records` as they are, valid or not."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        pax = tarfile.TarInfo("././@PaxHeader")
+        pax.type, pax.size = tarfile.XHDTYPE, len(records)
+        tar.addfile(pax, io.BytesIO(records))
+        for name in ("0.txt", "1.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"data"))
+    return buffer.getvalue()
+
+
+def test_pax_headers_are_applied_and_malformed_ones_are_damage_not_a_hang():
+    assert list(tar_file_members(io.BytesIO(pax_archive(b"14 path=a.jpg\n")), 100)) == [("a.jpg", b"data"),
+                                                                                         ("1.txt", b"data")]
+    for records in (b"0 path=zz\n", b"9 size=-1\n", b"99 path=a.jpg\n", b"14 path=a.jpgX"):
+        with pytest.raises(TarFormatError):
+            list(tar_file_members(io.BytesIO(pax_archive(records)), 100))
+
+
+def test_a_pipe_is_read_to_its_end_after_the_archive():
+    """The writer's record padding after the end-of-archive block is read too: a pipe's producer
+    still writing it must not fail with a broken pipe."""
+    pipe = Pipe(archive(tarfile.PAX_FORMAT) + bytes(20000))
+    list(tar_file_members(pipe, 1 << 20))
+    assert pipe.read(1) == b""

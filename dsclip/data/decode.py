@@ -1,32 +1,65 @@
-"""Decoding a training image at the size the model needs.
+"""Decoding training images at the size the model needs, and finishing them a batch at a time.
 
-open_clip's training transform starts with RandomResizedCrop to the model's input size; a source
-several times larger (a 1024 px photo for a 224 px model) is decoded whole, then mostly thrown
-away by the resample. JPEG can decode at 1/2, 1/4 or 1/8 of the size in the DCT domain (PIL's
-`draft`), for a fraction of the work. ImageDecoder draws the crop with the transform's own
-parameters and random draws, in the original image's coordinates; where the crop is at least 2x
-the output on both sides, it decodes at the largest DCT scale that still gives the crop at least
-the output's pixels, crops and resizes in one resample of the decoded pixels, then applies the
-rest of open_clip's transform unchanged. The images, the crops and their distribution are the
-same; only the resample starts from fewer pixels. Anything else (a PNG, a small JPEG, another
-transform) is decoded whole and goes through the transform as it is.
+open_clip's training transform is RandomResizedCrop to the model's input size, then RGB
+conversion, ToTensor and Normalize. ImageDecoder does the same work, cheaper:
+
+- The crop is drawn first, in the original image's coordinates, with RandomResizedCrop's own
+  algorithm and parameters (scale, ratio, ten tries, then the centre crop): the same distribution
+  of crops. The draws come from a Python generator seeded from torch's (one draw of torch's
+  per image, so torch's seeding still decides them): torchvision's get_params spends a few tensor
+  operations per try, more time than decoding a 128 px JPEG.
+- A JPEG whose crop is at least 2x the output on both sides is decoded at the largest DCT scale
+  (1/2, 1/4, 1/8: libjpeg's scaled decode through PIL's `draft`) that still gives the crop at
+  least the output's pixels, and the crop is resampled from those pixels where it lies. A
+  1024 px photo for a 224 px model decodes at 1/4 scale.
+- With open_clip's own finishing steps, a crop is kept as uint8 pixels and a whole batch is
+  converted and normalised at once (the same arithmetic, element by element, as ToTensor then
+  Normalize per image).
+
+Other transforms (no RandomResizedCrop first, e.g. the evaluation transform) run as they are.
 """
+import math
+import random
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
+import numpy as np
 import torch
-import torchvision.transforms.functional as F
+from open_clip.transform import MaybeConvertMode
 from PIL import Image
-from torchvision.transforms import Compose, RandomResizedCrop
+from torchvision.transforms import Compose, Normalize, RandomResizedCrop, ToTensor
 from torchvision.transforms.functional import pil_modes_mapping
 
 DCT_FACTORS = (8, 4, 2)  # the reductions libjpeg decodes to
+JPEG_FORMATS = ("JPEG", "MPO")  # PIL's names: a camera's multi-picture file is a JPEG with more images after it
+CROP_TRIES = 10  # RandomResizedCrop's tries before it falls back to the centre crop
 
 
 def _dct_factor(crop_width: float, crop_height: float, out_width: int, out_height: int) -> int:
     """The largest reduction that leaves the crop at least the output's size on both sides, or 1."""
     room = min(crop_width / out_width, crop_height / out_height)
     return next((f for f in DCT_FACTORS if room >= f), 1)
+
+
+def draw_crop(rng: random.Random, height: int, width: int, scale: tuple[float, float],
+              ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a crop drawn as torchvision's RandomResizedCrop.get_params
+    draws it: an area fraction in `scale` and a log-uniform aspect ratio in `ratio`, tried ten
+    times, else the centre crop at the nearest allowed ratio."""
+    area, log_ratio = height * width, (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(CROP_TRIES):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        crop_width, crop_height = round(math.sqrt(target_area * aspect)), round(math.sqrt(target_area / aspect))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            return rng.randint(0, height - crop_height), rng.randint(0, width - crop_width), crop_height, crop_width
+    if width / height < min(ratio):
+        crop_width, crop_height = width, round(width / min(ratio))
+    elif width / height > max(ratio):
+        crop_width, crop_height = round(height * max(ratio)), height
+    else:
+        crop_width, crop_height = width, height
+    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
 @contextmanager
@@ -43,36 +76,71 @@ def seeded(seed: int) -> Iterator[None]:
         torch.set_rng_state(state)
 
 
+def _batch_normalize(ops: list) -> Optional[Normalize]:
+    """The Normalize of open_clip's finishing steps (RGB conversion, ToTensor, Normalize), which a
+    batch of uint8 crops can take at once; None for any other steps."""
+    kinds = [type(op) for op in ops]
+    if len(ops) == 3 and kinds[0] is MaybeConvertMode and issubclass(kinds[1], ToTensor) and kinds[2] is Normalize:
+        return ops[2]
+    return None
+
+
 class ImageDecoder:
-    """PIL image (opened, not yet loaded) -> the transform's tensor, decoding large JPEGs reduced
-    (module docstring). `reduce=False`, or a transform that does not start with RandomResizedCrop,
-    decodes every image whole and applies the transform as it is; with RandomResizedCrop, an image
-    decoded whole gets exactly the transform's output (the same crop, resampled by the same call)."""
+    """PIL image (opened, not yet loaded) -> what `collate` stacks into a batch (module
+    docstring); `decoder(image)` is the image's tensor alone. `reduce=False` decodes every image
+    whole (the crop and its resample are the same)."""
 
     def __init__(self, transform: Callable, reduce: bool = True):
         self.transform, self.reduce = transform, reduce
         ops = transform.transforms if isinstance(transform, Compose) else []
-        first = ops[0] if ops else None
-        self.crop: Optional[RandomResizedCrop] = first if isinstance(first, RandomResizedCrop) else None
+        self.crop: Optional[RandomResizedCrop] = ops[0] if ops and isinstance(ops[0], RandomResizedCrop) else None
         self.rest = Compose(ops[1:]) if self.crop is not None else None
+        self.normalize = _batch_normalize(ops[1:]) if self.crop is not None else None
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.collate([self.prepare(image)])[0]
+
+    def prepare(self, image: Image.Image) -> Any:
+        """One image's part of a batch: its crop as uint8 pixels (H, W, 3), or its tensor where the
+        transform's steps are not open_clip's own."""
         if self.crop is None:
             return self.transform(image.convert("RGB"))
+        cropped = self.resample(*self.decode(image))
+        return torch.from_numpy(np.array(cropped)) if self.normalize is not None else self.rest(cropped)
+
+    def collate(self, prepared: list[Any]) -> torch.Tensor:
+        batch = torch.stack(prepared)
+        if self.normalize is None:
+            return batch
+        # ToTensor's and Normalize's arithmetic, for the whole batch at once.
+        mean = torch.tensor(self.normalize.mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.normalize.std, dtype=torch.float32)[:, None, None]
+        return batch.permute(0, 3, 1, 2).float().div(255).sub_(mean).div_(std)
+
+    def decode(self, image: Image.Image) -> tuple[Image.Image, tuple[float, float, float, float]]:
+        """The decoded RGB pixels (reduced where the crop allows) and the crop in them as a box (left,
+        top, right, bottom): drawn in the original image's coordinates, scaled to the decoded size."""
         width, height = image.size
-        # The crop the transform's RandomResizedCrop would draw, with its own draws; get_params reads
-        # only the size of what it is given: a tensor view of that shape, no pixels.
-        top, left, crop_height, crop_width = self.crop.get_params(
-            torch.empty(1, 1, 1).expand(1, height, width), self.crop.scale, self.crop.ratio)
+        rng = random.Random(int(torch.randint(2**62, ())))  # one draw of torch's: its seeding decides the crop
+        top, left, crop_height, crop_width = draw_crop(rng, height, width, self.crop.scale, self.crop.ratio)
         out_height, out_width = self.crop.size
         factor = _dct_factor(crop_width, crop_height, out_width, out_height) if self.reduce else 1
-        if factor == 1 or image.format != "JPEG":
-            cropped = F.resized_crop(image.convert("RGB"), top, left, crop_height, crop_width, list(self.crop.size),
-                                     self.crop.interpolation, antialias=self.crop.antialias)
-            return self.rest(cropped)
-        image.draft("RGB", (-(-width // factor), -(-height // factor)))  # sets image.size to the decoded size
-        scale_x, scale_y = image.size[0] / width, image.size[1] / height
-        box = (left * scale_x, top * scale_y, (left + crop_width) * scale_x, (top + crop_height) * scale_y)
-        cropped = image.convert("RGB").resize((out_width, out_height), pil_modes_mapping[self.crop.interpolation],
-                                              box=box)
-        return self.rest(cropped)
+        scale_x = scale_y = 1.0
+        if factor > 1 and image.format in JPEG_FORMATS:
+            # PIL picks the largest reduction whose result is at least the size asked for: ask for
+            # the rounded-down size, or a side that is no multiple of the factor gets a smaller one.
+            # libjpeg maps source pixels to decoded ones by exactly 1/scale: PIL returns that
+            # mapping as the original image's box in decoded pixels.
+            drafted = image.draft("RGB", (width // factor, height // factor))
+            if drafted is not None:
+                _, (_, _, mapped_width, mapped_height) = drafted
+                scale_x, scale_y = mapped_width / width, mapped_height / height
+        return image.convert("RGB"), (left * scale_x, top * scale_y, (left + crop_width) * scale_x,
+                                      (top + crop_height) * scale_y)
+
+    def resample(self, image: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
+        """The crop `box` of decoded pixels resampled to the output size with the transform's
+        filter (antialiased, as torchvision resamples a PIL image); a reduced image's box falls
+        between its pixels and is resampled exactly where it lies, not rounded to them."""
+        out_height, out_width = self.crop.size
+        return image.resize((out_width, out_height), pil_modes_mapping[self.crop.interpolation], box=box)

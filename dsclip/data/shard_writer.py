@@ -31,7 +31,8 @@ from dsclip.logs import progress
 Layout = Literal["dsclip", "clip_benchmark"]
 
 
-COPIED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> the sample's extension
+# PIL format -> the sample's extension (MPO: a camera's JPEG with more pictures after the first one)
+COPIED_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
 @dataclass(frozen=True)

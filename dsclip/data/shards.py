@@ -333,7 +333,7 @@ class _ShardStream(IterableDataset):
         caption = captions[0] if len(captions) == 1 else random.Random(seed).choice(captions)
         try:
             with open_image(io.BytesIO(data)) as img, seeded(seed):
-                image = self.decode(img)
+                image = self.decode.prepare(img)
         except ImageTooLarge:
             return None, "too_large"
         except Exception as exn:  # any decoder or transform failure is a bad sample, never a stopped run
@@ -366,7 +366,7 @@ class _ShardStream(IterableDataset):
             images.append(decoded[0])
             captions.append(decoded[1])
             if len(images) == self.batch_size:
-                yield torch.stack(images), self.tokenizer(captions), role, n_raw, dict(counts)
+                yield self.decode.collate(images), self.tokenizer(captions), role, n_raw, dict(counts)
                 images, captions = [], []
                 counts.update(dict.fromkeys(SKIP_KINDS, 0))  # in place: the shard readers hold this dict too
         if any(counts.values()):

@@ -10,6 +10,9 @@ from typing import BinaryIO, Iterator, Optional
 
 BLOCK = 512
 REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
+NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # hard link, symlink, devices, folder, fifo
+EXTENSIONS = (b"x", b"X", b"g", b"L")  # pax (POSIX, Solaris), global pax, GNU long name
+TRAILER_LIMIT = 1 << 20  # at most this much is read after the end of the archive
 COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz
 SKIP_CHUNK = 1 << 20
 
@@ -18,13 +21,21 @@ class TarFormatError(ValueError):
     """The stream is not a valid tar archive (a damaged shard)."""
 
 
-def _read_exact(stream: BinaryIO, size: int) -> bytes:
-    data = stream.read(size)
+def _read_up_to(stream: BinaryIO, size: int) -> bytes:
+    """Up to `size` bytes, fewer only at the end of the stream (a pipe may return short reads)."""
+    data = bytearray()
     while len(data) < size:
         more = stream.read(size - len(data))
         if not more:
-            raise EOFError(f"tar stream ended inside a member ({len(data)} of {size} bytes)")
+            break
         data += more
+    return bytes(data)
+
+
+def _read_exact(stream: BinaryIO, size: int) -> bytes:
+    data = _read_up_to(stream, size)
+    if len(data) < size:
+        raise EOFError(f"tar stream ended inside a member ({len(data)} of {size} bytes)")
     return data
 
 
@@ -43,6 +54,17 @@ def _skip(stream: BinaryIO, size: int) -> None:
         size -= len(chunk)
 
 
+def _drain(stream: BinaryIO) -> None:
+    """Read what follows the end-of-archive block (the second one, a writer's record padding): a
+    pipe's producer must be able to finish writing, or it fails with a broken pipe at close."""
+    try:
+        if stream.seekable():
+            return
+    except (AttributeError, OSError):
+        pass
+    _read_up_to(stream, TRAILER_LIMIT)
+
+
 def _number(field: bytes) -> int:
     """A header's numeric field: octal text, or base-256 when its first bit is set."""
     if field[0] & 0x80:
@@ -55,8 +77,9 @@ def _number(field: bytes) -> int:
 
 
 def _check(header: bytes) -> None:
-    # The checksum counts its own 8 bytes as spaces.
-    if _number(header[148:156]) != sum(header) - sum(header[148:156]) + 8 * 32:
+    # The checksum counts its own 8 bytes as spaces; old writers summed signed bytes.
+    stored, rest = _number(header[148:156]), header[:148] + b" " * 8 + header[156:]
+    if stored != sum(rest) and stored != sum(b - 256 if b > 127 else b for b in rest):
         raise TarFormatError("tar header checksum mismatch")
 
 
@@ -72,13 +95,25 @@ def _name(header: bytes) -> str:
 def _pax_records(data: bytes) -> dict[str, str]:
     """Records "LENGTH KEY=VALUE\\n" of a pax extended header."""
     records, position = {}, 0
-    while position < len(data) and data[position:position + 1] not in (b"\0", b""):
-        space = data.index(b" ", position)
-        length = int(data[position:space])
-        key, _, value = data[space + 1:position + length - 1].partition(b"=")
+    while position < len(data) and data[position:position + 1] != b"\0":
+        space = data.find(b" ", position)
+        length = int(data[position:space]) if data[position:space].isdigit() else 0
+        end = position + length
+        if space < 0 or end <= space + 1 or end > len(data) or data[end - 1:end] != b"\n":
+            raise TarFormatError(f"malformed pax header record at byte {position}")
+        key, _, value = data[space + 1:end - 1].partition(b"=")
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        position += length
+        position = end
     return records
+
+
+def _member_size(header: bytes, extended: dict[str, str]) -> int:
+    size = extended.get("size")
+    if size is None:
+        return _number(header[124:136])
+    if not size.isdigit():
+        raise TarFormatError(f"pax size {size!r} is not a size")
+    return int(size)
 
 
 def _plain_members(stream: BinaryIO, first: bytes, max_bytes: int) -> Iterator[tuple[str, Optional[bytes]]]:
@@ -88,26 +123,29 @@ def _plain_members(stream: BinaryIO, first: bytes, max_bytes: int) -> Iterator[t
             raise EOFError("tar stream ended inside a header")
         _check(header)
         kind = header[156:157]
-        size = int(extended.get("size", _number(header[124:136])))
-        padding = -size % BLOCK
-        if kind in (b"x", b"g", b"L"):  # pax header of the next member, global pax header, GNU long name
+        if kind in EXTENSIONS:  # pax header of the next member, global pax header, GNU long name
+            size = _number(header[124:136])
             data = _read_exact(stream, size)
-            _skip(stream, padding)
-            if kind == b"x":
-                extended = _pax_records(data)
+            _skip(stream, -size % BLOCK)
+            if kind in (b"x", b"X"):
+                extended.update(_pax_records(data))
             elif kind == b"L":
-                extended = {"path": data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")}
+                extended["path"] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         else:
-            name = extended.get("path") or _name(header)
+            name, size = extended.get("path") or _name(header), _member_size(header, extended)
             extended = {}
-            if kind in REGULAR and size <= max_bytes:
+            if kind in NO_DATA:  # links, devices, folders, fifos: no data blocks follow, whatever size says
+                pass
+            elif kind in REGULAR and size <= max_bytes:
                 yield name, _read_exact(stream, size)
-                _skip(stream, padding)
+                _skip(stream, -size % BLOCK)
             else:
-                _skip(stream, size + padding)
+                _skip(stream, size + -size % BLOCK)
                 if kind in REGULAR:
                     yield name, None
-        header = stream.read(BLOCK)
+        header = _read_up_to(stream, BLOCK)
+    if header:
+        _drain(stream)
 
 
 class _Replay(io.RawIOBase):
@@ -131,7 +169,7 @@ def tar_file_members(stream: BinaryIO, max_bytes: int) -> Iterator[tuple[str, Op
     """(name, data) of each regular file of a tar stream, in order; data is None for a member above
     `max_bytes`, which is skipped unread. A damaged archive raises TarFormatError or EOFError, a
     failed read OSError."""
-    first = stream.read(BLOCK)
+    first = _read_up_to(stream, BLOCK)
     if not first:
         raise TarFormatError("empty file: not a tar archive")
     if first.startswith(COMPRESSED):
