@@ -77,9 +77,10 @@ def test_the_default_runs_model_classifies_through_the_transformers_pipeline(def
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     dsclip_top1 = json.loads(metrics_file.read_text())["eval/shapes/top1"]
 
+    # The held-out shapes as dsclip's evaluation draws them: at 64 px, brought to the model's size
+    # (here by the exported image processor) as open_clip's evaluation transform does.
     cfg = load_config(None, [])
-    size = json.loads((hf_dir / "config.json").read_text())["vision_config"]["image_size"]
-    samples = [synthetic.render_sample(cfg.seed + synthetic.EVAL_SEED_OFFSET, i, cfg.data.synthetic.num_classes, size)
+    samples = [synthetic.render_sample(cfg.seed + synthetic.EVAL_SEED_OFFSET, i, cfg.data.synthetic.num_classes, 64)
                for i in range(cfg.data.synthetic.eval_samples)]
     names = synthetic.class_names(cfg.data.synthetic.num_classes)
     classify = pipeline("zero-shot-image-classification", model=str(hf_dir), device="cpu")
