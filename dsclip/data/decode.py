@@ -95,7 +95,11 @@ class ImageDecoder:
         ops = transform.transforms if isinstance(transform, Compose) else []
         self.crop: Optional[RandomResizedCrop] = ops[0] if ops and isinstance(ops[0], RandomResizedCrop) else None
         self.rest = Compose(ops[1:]) if self.crop is not None else None
-        self.normalize = _batch_normalize(ops[1:]) if self.crop is not None else None
+        normalize = _batch_normalize(ops[1:]) if self.crop is not None else None
+        self.batch_normalize = normalize is not None
+        if normalize is not None:  # as (3, 1, 1) tensors, made once, not per batch
+            self.mean = torch.tensor(normalize.mean, dtype=torch.float32)[:, None, None]
+            self.std = torch.tensor(normalize.std, dtype=torch.float32)[:, None, None]
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.collate([self.prepare(image)])[0]
@@ -106,16 +110,14 @@ class ImageDecoder:
         if self.crop is None:
             return self.transform(image.convert("RGB"))
         cropped = self.resample(*self.decode(image))
-        return torch.from_numpy(np.array(cropped)) if self.normalize is not None else self.rest(cropped)
+        return torch.from_numpy(np.array(cropped)) if self.batch_normalize else self.rest(cropped)
 
     def collate(self, prepared: list[Any]) -> torch.Tensor:
         batch = torch.stack(prepared)
-        if self.normalize is None:
+        if not self.batch_normalize:
             return batch
         # ToTensor's and Normalize's arithmetic, for the whole batch at once.
-        mean = torch.tensor(self.normalize.mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.normalize.std, dtype=torch.float32)[:, None, None]
-        return batch.permute(0, 3, 1, 2).float().div(255).sub_(mean).div_(std)
+        return batch.permute(0, 3, 1, 2).float().div(255).sub_(self.mean).div_(self.std)
 
     def decode(self, image: Image.Image) -> tuple[Image.Image, tuple[float, float, float, float]]:
         """The decoded RGB pixels (reduced where the crop allows) and the crop in them as a box (left,

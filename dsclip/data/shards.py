@@ -202,12 +202,17 @@ def _first(sample: dict[str, Any], keys: list[str]) -> Optional[bytes]:
     return None
 
 
+def caption_lines(text: str) -> list[str]:
+    """The captions of a text member: one per non-blank line, stripped."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def sample_captions(sample: dict[str, Any], caption_keys: list[str]) -> list[str]:
     """A sample's captions: the lines of its first caption member (one caption per line), else the
     "captions" list of its .json; empty when it has none."""
     text = _first(sample, caption_keys)
     if text is not None and not isinstance(text, TooLargeMember):
-        return [line.strip() for line in text.decode("utf-8", errors="replace").splitlines() if line.strip()]
+        return caption_lines(text.decode("utf-8", errors="replace"))
     try:
         listed = json.loads(sample["json"]).get("captions", []) if "json" in sample else []
     except (ValueError, AttributeError, TypeError):  # a .json that is not an object: no captions in it

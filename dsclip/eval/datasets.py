@@ -14,7 +14,7 @@ from dsclip.data.clip_benchmark import CLASSNAMES, IMAGE_EXTENSIONS, Member, ima
 from dsclip.data.config import CsvConfig, SyntheticConfig, WebDataConfig
 from dsclip.data.images import open_image
 from dsclip.data.loader import ModelInputs
-from dsclip.data.shards import expand_urls, read_manifest, sample_captions
+from dsclip.data.shards import caption_lines, expand_urls, read_manifest, sample_captions
 from dsclip.data.sources import FASHION_MNIST_DIR, CsvSource, FashionMnistSource, FolderSource, Source
 from dsclip.data.templates import SIMPLE_TEMPLATES, load_class_prompts
 from dsclip.errors import DataSetError
@@ -113,7 +113,7 @@ class BenchmarkImages(Dataset):
         image.check_size()
         text = sample[field_name].read().decode("utf-8", errors="replace")
         if kind == "retrieval":
-            captions = [line.strip() for line in text.splitlines() if line.strip()]
+            captions = caption_lines(text)
             if not captions:
                 raise DataSetError(f"{where} has no caption in its txt: give each image at least one")
             return captions
