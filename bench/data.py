@@ -2,7 +2,7 @@
 against webdataset's own documented pipeline, over the same images, with 0, 1 and 2 workers; and
 where dsclip's loader spends its time, stage by stage. Prints tables and writes JSON.
 
-    python bench/data.py                    # writes bench/results/data_cpu.json (about 3 minutes on 2 cores)
+    python bench/data.py                    # writes bench/results/data_cpu.json (about 8 minutes on 2 cores)
     python bench/data.py --json ""          # tables only
     python bench/data.py --quick            # a quarter of the images, tables only
 
@@ -12,13 +12,17 @@ Shards are written by dsclip.data.shard_writer (as `dsclip make-shards` does: th
 Every loader applies open_clip's training transform (RandomResizedCrop, ToTensor, Normalize) and
 makes batches of 64; dsclip's and webdataset's also tokenize the captions (ImageFolder has none),
 webdataset per sample as open_clip's training script does, dsclip per batch. A pass is one epoch,
-worker start-up included.
+worker start-up included. Every (loader, workers) pass runs --repeats times, the loaders taking
+turns, and the median rate is reported (all passes are in the JSON): a shared machine's speed
+drifts by a fifth or more from one pass to the next, and taking turns spreads the drift over the
+loaders alike.
 """
 import argparse
 import datetime
 import io
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -114,7 +118,7 @@ def stage_seconds(urls: str, transform: Callable, tokenizer: Callable, batch_siz
     seconds["tokenize"] = clock() - start
     start = clock()
     for first in batches:
-        decoder.collate(crops[first:first + batch_size])
+        decoder.finish(decoder.collate(crops[first:first + batch_size]))
     seconds["collate + normalize"] = clock() - start
     return {stage: 1e6 * value / len(samples) for stage, value in seconds.items()}  # ms per 1000 images
 
@@ -126,14 +130,17 @@ def run_case(case: str, images: int, source_size: int, args: argparse.Namespace,
     make_images(folder, images, source_size)
     write_shards(open_source(str(folder)), str(shards), per_shard=images // 8)
     urls = str(shards / "shard-{000000..000007}.tar")
-    rates = {}
-    for name in LOADERS:
+    passes = {name: {str(workers): [] for workers in args.workers} for name in LOADERS}
+    for repeat in range(args.repeats):
         for workers in args.workers:
-            images_per_s, _ = rate(loaders(name, folder, urls, transform, tokenizer, args.batch_size, workers))
-            rates.setdefault(name, {})[str(workers)] = images_per_s
-            print(f"{case:13} {name:28} {workers} workers {images_per_s:7.0f} images/s", flush=True)
+            for name in LOADERS:
+                images_per_s, _ = rate(loaders(name, folder, urls, transform, tokenizer, args.batch_size, workers))
+                passes[name][str(workers)].append(images_per_s)
+                print(f"{case:13} pass {repeat + 1}/{args.repeats} {name:28} {workers} workers "
+                      f"{images_per_s:7.0f} images/s", flush=True)
+    rates = {name: {w: statistics.median(runs) for w, runs in by_workers.items()} for name, by_workers in passes.items()}
     ours = rates["dsclip shard loader"]
-    return {"images": images, "source_size": source_size, "images_per_s": rates,
+    return {"images": images, "source_size": source_size, "images_per_s": rates, "images_per_s_passes": passes,
             "vs_imagefolder": {w: ours[w] / rates["torchvision ImageFolder"][w] for w in ours},
             "vs_webdataset": {w: ours[w] / rates["webdataset pipeline"][w] for w in ours},
             "stage_ms_per_1000": stage_seconds(urls, transform, tokenizer, args.batch_size)}
@@ -144,11 +151,12 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64, help="model input size (open_clip train transform)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--quick", action="store_true", help="a quarter of the images (a smoke run; no JSON)")
+    parser.add_argument("--repeats", type=int, default=5, help="passes per (loader, workers); the median is reported")
+    parser.add_argument("--quick", action="store_true", help="a quarter of the images, one pass each (a smoke run; no JSON)")
     parser.add_argument("--json", default="bench/results/data_cpu.json", help="write results here as JSON ('' = don't)")
     args = parser.parse_args()
     if args.quick:
-        args.json = ""
+        args.json, args.repeats = "", 1
     torch.set_num_threads(1)
     load_before = os.getloadavg()
     cases = {}
@@ -158,7 +166,7 @@ def main() -> None:
             cases[case] = run_case(case, images, shape["source_size"], args, Path(tmp))
     load_after = os.getloadavg()
     for case, result in cases.items():
-        print(f"\n{case}: {result['images']} JPEGs of {result['source_size']} px -> {args.image_size} px (images/s)")
+        print(f"\n{case}: {result['images']} JPEGs of {result['source_size']} px -> {args.image_size} px (images/s, median of {args.repeats} passes)")
         print(f"{'loader':30}" + "".join(f"{w:>10} w" for w in args.workers))
         for name, by_workers in result["images_per_s"].items():
             print(f"{name:30}" + "".join(f"{by_workers[str(w)]:>12.0f}" for w in args.workers))

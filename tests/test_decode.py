@@ -74,7 +74,7 @@ def test_small_jpegs_and_other_formats_decode_whole(data):
 def test_a_batch_is_normalised_as_totensor_and_normalize_would_each_image():
     decoder = ImageDecoder(TRANSFORM)
     crops = [decoder.resample(*decoder.decode(Image.open(io.BytesIO(photo(size))))) for size in (100, 300, 700)]
-    batch = decoder.collate([torch.from_numpy(np.array(crop)) for crop in crops])
+    batch = decoder.finish(decoder.collate([torch.from_numpy(np.array(crop)) for crop in crops]))
     assert torch.equal(batch, torch.stack([decoder.rest(crop) for crop in crops]))  # bit for bit
 
 

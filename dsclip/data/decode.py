@@ -102,7 +102,7 @@ class ImageDecoder:
             self.std = torch.tensor(normalize.std, dtype=torch.float32)[:, None, None]
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.collate([self.prepare(image)])[0]
+        return self.finish(self.collate([self.prepare(image)]))[0]
 
     def prepare(self, image: Image.Image) -> Any:
         """One image's part of a batch: its crop as uint8 pixels (H, W, 3), or its tensor where the
@@ -112,12 +112,21 @@ class ImageDecoder:
         cropped = self.resample(*self.decode(image))
         return torch.from_numpy(np.array(cropped)) if self.batch_normalize else self.rest(cropped)
 
-    def collate(self, prepared: list[Any]) -> torch.Tensor:
-        batch = torch.stack(prepared)
+    @staticmethod
+    def collate(prepared: list[Any]) -> torch.Tensor:
+        """Prepared images stacked: uint8 crops (b, H, W, 3), a quarter of a float batch's bytes to pass
+        out of a loader worker (a new shared-memory block per batch, paid per page), or tensors."""
+        return torch.stack(prepared)
+
+    def finish(self, batch: torch.Tensor) -> torch.Tensor:
+        """A collated batch as the model takes it, (b, 3, H, W) float: uint8 crops get ToTensor's and
+        Normalize's arithmetic for the whole batch at once."""
         if not self.batch_normalize:
             return batch
-        # ToTensor's and Normalize's arithmetic, for the whole batch at once.
-        return batch.permute(0, 3, 1, 2).float().div(255).sub_(self.mean).div_(self.std)
+        count, height, width, channels = batch.shape
+        images = torch.empty(count, channels, height, width)
+        images.copy_(batch.permute(0, 3, 1, 2))  # to float and to channels-first at once: a third of the time
+        return images.div_(255).sub_(self.mean).div_(self.std)
 
     def decode(self, image: Image.Image) -> tuple[Image.Image, tuple[float, float, float, float]]:
         """The decoded RGB pixels (reduced where the crop allows) and the crop in them as a box (left,

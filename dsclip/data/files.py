@@ -47,14 +47,15 @@ def class_name_from_folder(folder: str) -> str:
 
 
 def _load_image(path: str, decode: ImageDecoder) -> tuple[Optional[torch.Tensor], Optional[str]]:
-    """(transformed image, None) or (None, skip kind)."""
+    """(prepared image, None) or (None, skip kind); a batch of prepared images is finished by the
+    data set's `decode.finish` (dsclip.data.decode)."""
     if not os.path.isfile(path):
         return None, "missing_image"
     if os.path.getsize(path) == 0:
         return None, "empty_image"
     try:
         with open_image(path) as img:
-            return decode(img), None
+            return decode.prepare(img), None
     except ImageTooLarge as exn:
         log.debug("image %s too large: %s", path, exn)
         return None, "too_large"
@@ -75,7 +76,8 @@ def _first_usable(index: int, size: int, load: Callable[[int], tuple[Optional[An
 
 
 class CsvDataset(Dataset):
-    """(image tensor, tokens (context_length,)) per CSV/TSV row."""
+    """(image, tokens (context_length,)) per CSV/TSV row; images as ImageDecoder.prepare leaves them,
+    a collated batch of them finished by `self.decode.finish`."""
 
     def __init__(self, cfg: CsvConfig, *, transform: Callable, tokenizer: Callable, reduced_decode: bool = True):
         cfg.validate()
@@ -132,9 +134,9 @@ def list_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
 
 
 class FolderDataset(Dataset):
-    """(image tensor, tokens) with captions templates[(index + epoch) % len(templates)] filled with the class name,
+    """(image, tokens) with captions templates[(index + epoch) % len(templates)] filled with the class name,
     so every image meets every template over successive epochs (call set_epoch); labels=True returns
-    (image tensor, class index) instead, for zero-shot evaluation."""
+    (image, class index) instead, for zero-shot evaluation. Images as in CsvDataset."""
 
     def __init__(self, cfg: FolderConfig, *, transform: Callable, tokenizer: Callable, labels: bool = False,
                  reduced_decode: bool = True):

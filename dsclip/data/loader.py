@@ -144,8 +144,9 @@ def position_in_samples(state: dict[str, Any], saved_samples_per_batch: int) -> 
 
 
 class MapStyleData(IndexedEpochs):
-    """A file-backed data set (CSV, class folders) decoded and transformed per sample, in
-    DataLoader workers when `num_workers` > 0."""
+    """A file-backed data set (CSV, class folders) decoded per sample, in DataLoader workers when
+    `num_workers` > 0, each batch finished here (dsclip.data.decode: uint8 crops cross from the
+    workers, normalised once per batch)."""
 
     def __init__(self, dataset: Union[CsvDataset, FolderDataset], batch_size: int, num_workers: int, rank: int,
                  world_size: int, seed: int, timeout_s: float = 0.0, accum: int = 1):
@@ -162,7 +163,7 @@ class MapStyleData(IndexedEpochs):
         batches = iter(self.loader)
         while True:
             try:
-                yield next(batches)
+                images, tokens = next(batches)
             except StopIteration:
                 return
             except RuntimeError as exn:
@@ -170,6 +171,7 @@ class MapStyleData(IndexedEpochs):
                     raise
                 raise DataStallError(f"rank {self.rank}: no batch from the data loader workers in {self.timeout_s:.0f} s "
                                      f"(epoch {epoch}); the storage may be stuck, or raise data.worker_timeout_s") from None
+            yield self.dataset.decode.finish(images), tokens
 
     def skipped(self) -> dict[str, int]:
         return self.dataset.skipped()

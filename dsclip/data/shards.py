@@ -230,8 +230,9 @@ class _Position:
 
 
 class _ShardStream(IterableDataset):
-    """Runs in each loader worker: yields (images, tokens, role, raw_pos, skip_counts); images is None for a final
-    counts-only item so skips after the last full batch still reach the main process."""
+    """Runs in each loader worker: yields (images, tokens, role, raw_pos, skip_counts), images collated but not
+    finished (ImageDecoder: uint8 crops, finished in the main process); images is None for a final counts-only
+    item so skips after the last full batch still reach the main process."""
 
     def __init__(self, cfg: WebDataConfig, plan: _Plan, *, decode: ImageDecoder, tokenizer: Callable, batch_size: int,
                  rank: int, n_workers: int, seed: int, shuffle: bool, pos: _Position):
@@ -386,10 +387,10 @@ class WebLoader:
     """
 
     def __init__(self, cfg: WebDataConfig, plan: _Plan, *, decode: ImageDecoder, tokenizer: Callable, batch_size: int,
-                 rank: int, num_workers: int, seed: int, shuffle: bool, pin_memory: bool):
+                 rank: int, num_workers: int, seed: int, shuffle: bool):
         self.cfg, self.plan, self.decode, self.tokenizer = cfg, plan, decode, tokenizer
         self.batch_size, self.rank, self.num_workers, self.seed = batch_size, rank, num_workers, seed
-        self.shuffle, self.pin_memory = shuffle, pin_memory
+        self.shuffle = shuffle
         self.n_workers = max(1, num_workers)
         self._pos = _Position(raw=[0] * self.n_workers)
         self._skipped = dict.fromkeys(SKIP_KINDS, 0)
@@ -421,7 +422,7 @@ class WebLoader:
                               batch_size=self.batch_size, rank=self.rank, n_workers=self.n_workers, seed=self.seed,
                               shuffle=self.shuffle, pos=_Position(**{**vars(self._pos), "raw": list(self._pos.raw)}))
         timeout = self.cfg.timeout_s if self.num_workers > 0 else 0
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, timeout=timeout, pin_memory=self.pin_memory)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, timeout=timeout)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         pos, steps = self._pos, self.plan.steps_per_epoch
@@ -448,7 +449,7 @@ class WebLoader:
                     continue
                 pos.step += 1
                 delivered += 1
-                yield images, tokens
+                yield self.decode.finish(images), tokens
             del it
             if pos.step < steps:
                 if delivered == 0:
@@ -465,7 +466,7 @@ class WebLoader:
 
 def build_webdataset_loader(cfg: WebDataConfig, *, transform: Callable, tokenizer: Callable, batch_size: int,
                             world_size: int = 1, rank: int = 0, seed: int = 0, num_workers: int = 0, train: bool = True,
-                            pin_memory: bool = False, reduced_decode: bool = True) -> WebLoader:
+                            reduced_decode: bool = True) -> WebLoader:
     """Build the per-rank WebDataset loader; len() of the result is steps_per_epoch, equal on every rank.
 
     transform: PIL image -> float tensor (open_clip's preprocess_train / preprocess_val); tokenizer: list[str] ->
@@ -478,5 +479,4 @@ def build_webdataset_loader(cfg: WebDataConfig, *, transform: Callable, tokenize
         raise ValueError(f"bad loader geometry: batch_size={batch_size}, world_size={world_size}, rank={rank}, num_workers={num_workers}")
     plan = _make_plan(cfg, batch_size=batch_size, world_size=world_size, num_workers=num_workers, seed=seed, shuffle=train)
     return WebLoader(cfg, plan, decode=ImageDecoder(transform, reduced_decode), tokenizer=tokenizer,
-                     batch_size=batch_size, rank=rank, num_workers=num_workers, seed=seed, shuffle=train,
-                     pin_memory=pin_memory)
+                     batch_size=batch_size, rank=rank, num_workers=num_workers, seed=seed, shuffle=train)
