@@ -324,7 +324,8 @@ def data_table() -> str:
             rows.append([f"{case} ({result['source_size']} px)", loader, *(f"{rates[w]:.0f}" for w in workers)])
     lead = (f"Images per second, measured {d['date']} with `python bench/data.py` on the shared {d['cpus']}-vCPU "
             f"machine (1-minute load {d['load_before'][0]:.1f} before, {d['load_after'][0]:.1f} after; "
-            f"`bench/results/data_cpu.json`), model input {d['args']['image_size']} px:")
+            f"`bench/results/data_cpu.json`), model input {d['args']['image_size']} px, the median of "
+            f"{d['args']['repeats']} passes:")
     return lead + "\n\n" + table(["JPEGs", "loader", *map(_workers, workers)], "ll" + "r" * len(workers), rows)
 
 
