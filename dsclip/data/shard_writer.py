@@ -163,8 +163,9 @@ def _sample_fields(index: int, sample: Sample, image: tuple[str, bytes], layout:
 def _write_tar(path: str, source: Source, indices: range, encoding: ImageEncoding, layout: Layout) -> dict[str, int]:
     """One shard of `indices` at `path`; returns its sample and skip counts."""
     samples = skipped = 0
-    # Whole seconds: webdataset stamps each member with time.time() and its tar is pax-format, so a
-    # fractional mtime costs every member an extra pax header (1 KB, and a header more to read).
+    # Whole seconds: webdataset's TarWriter stamps each member with time.time() in a pax-format tar
+    # (its `format` argument goes unused), where a fractional mtime costs every member an extra pax
+    # header: 1 KB more, and one more header to read.
     with wds.TarWriter(path, mtime=int(time.time())) as writer:
         for index in indices:
             sample = source.load(index)
