@@ -14,7 +14,7 @@ makes batches of 64; dsclip's and webdataset's also tokenize the captions (Image
 webdataset per sample as open_clip's training script does, dsclip per batch. A pass is one epoch,
 worker start-up included. Every (loader, workers) pass runs --repeats times, the loaders taking
 turns, and the median rate is reported (all passes are in the JSON): a shared machine's speed
-drifts by a fifth or more from one pass to the next, and taking turns spreads the drift over the
+drifts by up to a third from one pass to the next, and taking turns spreads the drift over the
 loaders alike.
 """
 import argparse

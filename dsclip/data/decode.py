@@ -86,9 +86,9 @@ def _batch_normalize(ops: list) -> Optional[Normalize]:
 
 
 class ImageDecoder:
-    """PIL image (opened, not yet loaded) -> what `collate` stacks into a batch (module
-    docstring); `decoder(image)` is the image's tensor alone. `reduce=False` decodes every image
-    whole (the crop and its resample are the same)."""
+    """PIL image (opened, not yet loaded) -> `prepare` -> `collate` a batch of them (in a loader
+    worker) -> `finish` it (in the training process) as the transform would have made it (module
+    docstring). `reduce=False` decodes every image whole (the crop and its resample are the same)."""
 
     def __init__(self, transform: Callable, reduce: bool = True):
         self.transform, self.reduce = transform, reduce
@@ -100,9 +100,6 @@ class ImageDecoder:
         if normalize is not None:  # as (3, 1, 1) tensors, made once, not per batch
             self.mean = torch.tensor(normalize.mean, dtype=torch.float32)[:, None, None]
             self.std = torch.tensor(normalize.std, dtype=torch.float32)[:, None, None]
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.finish(self.collate([self.prepare(image)]))[0]
 
     def prepare(self, image: Image.Image) -> Any:
         """One image's part of a batch: its crop as uint8 pixels (H, W, 3), or its tensor where the
@@ -124,7 +121,7 @@ class ImageDecoder:
         if not self.batch_normalize:
             return batch
         count, height, width, channels = batch.shape
-        images = torch.empty(count, channels, height, width)
+        images = torch.empty(count, channels, height, width, dtype=torch.float32)
         images.copy_(batch.permute(0, 3, 1, 2))  # to float and to channels-first at once: a third of the time
         return images.div_(255).sub_(self.mean).div_(self.std)
 
