@@ -26,7 +26,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import open_clip
@@ -40,7 +40,7 @@ from dsclip.data.config import WebDataConfig
 from dsclip.data.decode import ImageDecoder, seeded
 from dsclip.data.images import open_image
 from dsclip.data.shard_writer import write_shards
-from dsclip.data.shards import build_webdataset_loader, expand_urls, tar_members
+from dsclip.data.shards import WebLoader, build_webdataset_loader, expand_urls, tar_members
 from dsclip.data.sources import open_source
 
 # 8 shards: with 2 workers each reads 4, and every worker's share is whole batches (none decoded for nothing).
@@ -77,6 +77,13 @@ def webdataset_pipeline(urls: str, transform: Callable, tokenizer: Callable, bat
     return wds.WebLoader(dataset, batch_size=None, num_workers=workers)
 
 
+def finished(loader: WebLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """dsclip's batches as the model takes them, finished on the CPU as a CPU run finishes them (a
+    run on GPUs finishes them on the device)."""
+    for images, tokens in loader:
+        yield loader.finish(images), tokens
+
+
 def loaders(name: str, folder: Path, urls: str, transform: Callable, tokenizer: Callable, batch_size: int,
             workers: int) -> Iterable:
     if name == "torchvision ImageFolder":
@@ -84,9 +91,9 @@ def loaders(name: str, folder: Path, urls: str, transform: Callable, tokenizer: 
                           drop_last=True, num_workers=workers)
     if name == "webdataset pipeline":
         return webdataset_pipeline(urls, transform, tokenizer, batch_size, workers)
-    return build_webdataset_loader(WebDataConfig(urls=[urls]), transform=transform, tokenizer=tokenizer,
-                                   batch_size=batch_size, num_workers=workers,
-                                   reduced_decode=name == "dsclip shard loader")
+    return finished(build_webdataset_loader(WebDataConfig(urls=[urls]), transform=transform, tokenizer=tokenizer,
+                                            batch_size=batch_size, num_workers=workers,
+                                            reduced_decode=name == "dsclip shard loader"))
 
 
 def stage_seconds(urls: str, transform: Callable, tokenizer: Callable, batch_size: int) -> dict[str, float]:

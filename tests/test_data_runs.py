@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dsclip.config import load_config
 from dsclip.training.ds_config import load_ds_config
@@ -46,6 +47,11 @@ def test_a_run_over_a_corrupt_jpeg_and_an_empty_caption_completes_and_reports_tw
     records = read_metrics(tmp_path / "default")
     assert records[-1]["data/skipped_samples"] == 2
     assert trainer.data.skipped()["bad_image"] == 1 and trainer.data.skipped()["no_caption"] == 1
+    # Batches leave the loader as uint8 crops and reach the engine finished: normalised, channels first.
+    crops, texts = next(trainer.data.epoch_batches(1))
+    images, _ = trainer.to_device((crops, texts))
+    assert crops.dtype == torch.uint8 and images.shape == (8, 3, *crops.shape[1:3])
+    assert images.is_floating_point() and images.abs().max() < 3 and torch.equal(images, trainer.data.finish(crops))
 
 
 @pytest.mark.multiprocess

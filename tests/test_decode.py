@@ -105,3 +105,12 @@ def test_crops_are_drawn_as_random_resized_crop_draws_them(height, width):
     fallback = (ours[:, 2] == ours[:, 2].mode().values) & (ours[:, 3] == ours[:, 3].mode().values)
     assert abs(fallback.double().mean() - ((theirs[:, 2] == theirs[:, 2].mode().values) &
                                            (theirs[:, 3] == theirs[:, 3].mode().values)).double().mean()) < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the training loop finishes batches on the GPU")
+def test_a_batch_finished_on_the_gpu_is_the_batch_finished_on_the_cpu():
+    decoder = ImageDecoder(TRANSFORM)
+    crops = decoder.collate([decoder.prepare(Image.open(io.BytesIO(photo(size)))) for size in (100, 300, 700)])
+    on_gpu = decoder.finish(crops.cuda())
+    assert on_gpu.is_cuda and torch.allclose(on_gpu.cpu(), decoder.finish(crops), atol=1e-6, rtol=0)

@@ -92,6 +92,7 @@ def plain_loop(cfg, loss_fn, micro_batches: int = 1, batch_size: int | None = No
     losses, grad_norms = [], []
     for _ in range(cfg.train.max_steps):
         images, texts = next(batches)
+        images = data.finish(images)
         step_loss = 0.0
         for image_chunk, text_chunk in zip(images.chunk(micro_batches), texts.chunk(micro_batches)):
             image_features, text_features, scale, *bias = clip(image_chunk, text_chunk)

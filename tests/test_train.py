@@ -122,6 +122,7 @@ def test_export_loads_in_plain_open_clip_with_the_engines_embeddings(tmp_path, s
     trainer = tiny_trainer(tmp_path, stage, *overrides)
     trainer.train()
     images, texts = next(trainer.data.epoch_batches(0))
+    images = trainer.data.finish(images)
     trainer.engine.eval()
     with torch.no_grad():
         engine_images, engine_texts, _, _ = trainer.engine(images=images, texts=texts)

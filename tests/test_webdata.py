@@ -224,6 +224,9 @@ def test_open_clip_transform_and_tokenizer_give_model_shapes(tmp_path):
     for transform, train in [(preprocess_train, True), (preprocess_val, False)]:
         dl = build_webdataset_loader(WebDataConfig(urls=[urls]), transform=transform, tokenizer=tokenizer, batch_size=4, train=train)
         images, tokens = next(iter(dl))
+        if train:  # uint8 crops out of the workers, finished on the model's device
+            assert images.shape == (4, 32, 32, 3) and images.dtype == torch.uint8
+        images = dl.finish(images)
         assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
         assert tokens.shape == (4, 16) and tokens.dtype == torch.long
 

@@ -1,6 +1,8 @@
 """The training data of one rank, whatever its kind, behind one resumable interface:
-`steps_per_epoch`, `epoch_batches(epoch)`, `at_epoch_end()`, `skipped()`, `state_dict()` /
-`load_state_dict()`. Every rank gets the same number of equal batches per epoch."""
+`steps_per_epoch`, `epoch_batches(epoch)`, `finish(images)`, `at_epoch_end()`, `skipped()`,
+`state_dict()` / `load_state_dict()`. Every rank gets the same number of equal batches per epoch.
+A batch's images are finished (made the model's float input) after they reach the model's
+device: decoded images travel as uint8 (dsclip.data.decode)."""
 import logging
 from typing import Any, Callable, Iterator, Protocol, Union
 
@@ -15,7 +17,7 @@ from dsclip.data.shards import WebLoader, build_webdataset_loader
 from dsclip.errors import DataStallError
 
 log = logging.getLogger(__name__)
-Batch = tuple[torch.Tensor, torch.Tensor]  # images (b, 3, h, w) float, tokens (b, context_length) long
+Batch = tuple[torch.Tensor, torch.Tensor]  # images (to finish), tokens (b, context_length) long
 
 
 class ModelInputs(Protocol):
@@ -145,8 +147,7 @@ def position_in_samples(state: dict[str, Any], saved_samples_per_batch: int) -> 
 
 class MapStyleData(IndexedEpochs):
     """A file-backed data set (CSV, class folders) decoded per sample, in DataLoader workers when
-    `num_workers` > 0, each batch finished here (dsclip.data.decode: uint8 crops cross from the
-    workers, normalised once per batch)."""
+    `num_workers` > 0; its batches are finished by `finish` (dsclip.data.decode)."""
 
     def __init__(self, dataset: Union[CsvDataset, FolderDataset], batch_size: int, num_workers: int, rank: int,
                  world_size: int, seed: int, timeout_s: float = 0.0, accum: int = 1):
@@ -171,7 +172,10 @@ class MapStyleData(IndexedEpochs):
                     raise
                 raise DataStallError(f"rank {self.rank}: no batch from the data loader workers in {self.timeout_s:.0f} s "
                                      f"(epoch {epoch}); the storage may be stuck, or raise data.worker_timeout_s") from None
-            yield self.dataset.decode.finish(images), tokens
+            yield images, tokens
+
+    def finish(self, images: torch.Tensor) -> torch.Tensor:
+        return self.dataset.decode.finish(images)
 
     def skipped(self) -> dict[str, int]:
         return self.dataset.skipped()
@@ -187,6 +191,10 @@ class SyntheticData(IndexedEpochs):
                  accum: int = 1):
         super().__init__(EpochSampler(samples.size, batch_size, rank, world_size, seed, accum))
         self.samples, self.batch_size = samples, batch_size
+
+    @staticmethod
+    def finish(images: torch.Tensor) -> torch.Tensor:
+        return images  # rendered normalised
 
     def _batches(self, epoch: int) -> Iterator[Batch]:
         indices = self.sampler.indices()
@@ -211,6 +219,9 @@ class ShardData:
     def epoch_batches(self, epoch: int) -> Iterator[Batch]:
         self.loader.set_epoch(epoch)
         return iter(self.loader)
+
+    def finish(self, images: torch.Tensor) -> torch.Tensor:
+        return self.loader.finish(images)
 
     def at_epoch_end(self) -> bool:
         return self.loader.state_dict()["step"] >= len(self.loader)

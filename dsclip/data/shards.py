@@ -380,7 +380,9 @@ class _ShardStream(IterableDataset):
 
 
 class WebLoader:
-    """One epoch of exactly len(self) batches (images (b,3,H,W) float, tokens (b,ctx) long) per iteration.
+    """One epoch of exactly len(self) batches (images, tokens (b,ctx) long) per iteration; images as the
+    workers collate them (uint8 crops (b,H,W,3) with open_clip's training transform), made (b,3,H,W)
+    float by finish(), after the move to the model's device.
 
     set_epoch(e) moves to the start of epoch e unless the loader is already inside e (after load_state_dict);
     a completed iteration moves on to the next epoch. skipped() returns cumulative skip counts per kind.
@@ -404,6 +406,10 @@ class WebLoader:
 
     def skipped(self) -> dict[str, int]:
         return dict(self._skipped)
+
+    def finish(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch's images as the model takes them (ImageDecoder.finish), on whatever device they are."""
+        return self.decode.finish(images)
 
     def state_dict(self) -> dict[str, Any]:
         p = self._pos
@@ -449,7 +455,7 @@ class WebLoader:
                     continue
                 pos.step += 1
                 delivered += 1
-                yield self.decode.finish(images), tokens
+                yield images, tokens
             del it
             if pos.step < steps:
                 if delivered == 0:

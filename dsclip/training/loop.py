@@ -161,9 +161,11 @@ class Trainer:
         return batch
 
     def to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A micro-batch on the engine's device, images in the training dtype."""
+        """A micro-batch on the engine's device, images finished there (dsclip.data.loader), in the
+        training dtype."""
         images, texts = batch
-        return images.to(self.engine.device, self.parts.input_dtype), texts.to(self.engine.device)
+        images = self.data.finish(images.to(self.engine.device))
+        return images.to(self.parts.input_dtype), texts.to(self.engine.device)
 
     def micro_step(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images, texts = self.to_device((images, texts))
