@@ -231,8 +231,8 @@ class _Position:
 
 class _ShardStream(IterableDataset):
     """Runs in each loader worker: yields (images, tokens, role, raw_pos, skip_counts), images collated but not
-    finished (ImageDecoder: uint8 crops, finished in the main process); images is None for a final counts-only
-    item so skips after the last full batch still reach the main process."""
+    finished (ImageDecoder: uint8 crops; WebLoader.finish makes them the model's input); images is None for a
+    final counts-only item so skips after the last full batch still reach the main process."""
 
     def __init__(self, cfg: WebDataConfig, plan: _Plan, *, decode: ImageDecoder, tokenizer: Callable, batch_size: int,
                  rank: int, n_workers: int, seed: int, shuffle: bool, pos: _Position):
