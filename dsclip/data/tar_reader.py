@@ -2,8 +2,8 @@
 stream mode, at a fraction of its cost. tarfile builds a TarInfo per header and parses every pax
 header in full; a shard written by webdataset's TarWriter (and by make-shards before 2026-12) has a
 pax header before each of its three members per sample, and that parsing was a third of the
-loader's time per image. Here a header is a few
-slices and an octal number. Compressed tars (gzip, bzip2, xz) are read by tarfile, as before.
+loader's time per image. Here a header is a few slices and an octal number. Compressed tars
+(gzip, bzip2, xz) are read by tarfile, as before.
 """
 import io
 import tarfile
